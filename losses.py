@@ -1,0 +1,577 @@
+"""Distillation objectives and the memory-lean LM-head paths of nano-sekd.
+
+Notation (paper "Rethinking Selective Knowledge Distillation", Tavor et al.)
+---------------------------------------------------------------------------
+For a sequence x_1..x_T and a position t, the teacher predicts p_t = softmax(z^T_t / tau)
+and the student q_t = softmax(z^S_t / tau) over a vocabulary of V classes; y_t is the
+ground-truth next token. All losses here work on *rows*: a row is one (b, t) position,
+so logits are (N, V) (or any (..., V)) and a per-position loss is (N,) / (...).
+
+    forward KL   KL(p_t || q_t) = sum_v p_t(v) (log p_t(v) - log q_t(v))       (true KL, incl. -H(p_t))
+    reverse KL   KL(q_t || p_t)                                               (on-policy distillation)
+    CE           -log q_t(y_t)                                                (hard labels, tau = 1)
+
+With a temperature tau != 1 every KD term is multiplied by tau^2 (Hinton et al. 2015), so
+that its gradient keeps the same scale as at tau = 1. CE never uses tau.
+
+Selective KD (paper Eq. 3-5). A selection policy (selection.py) turns a score per position
+(e.g. the student entropy H(q_t)) into weights w_{i,t} >= 0 (m_t = 1[w_{i,t} > 0] is the
+position mask; sample selection by the score s_i zeroes whole sequences). The step loss is
+
+    L = 1/|I| * sum_{i in I} sum_t w_{i,t} * (lam * KD_{i,t} + (1 - lam) * CE_{i,t})
+
+where I is the set of sequences that have any weight (so dropped samples do not dilute the
+mean) and lam is the KD weight (lam = 1: pure KD; the KD/CE mixture of Eq. 1/3).
+`selective_kd_loss` computes this on dense (B, T) per-position losses; `head_loss` computes
+the same quantity from hidden states without ever building (B, T, V) logits.
+
+Weighted KD (paper Table 1) needs no special case here: selection.py's `weighted` policy
+emits weights proportional to the metric, and the formula above uses them as they are.
+
+Classes (RS-KD, class axis): instead of the full p_t, keep U classes sampled from p_t with
+replacement; p~_t(v) = count(v) / U is an unbiased estimate of p_t(v), so the gradient of
+sum_v p~_t(v) (log p~_t(v) - log q_t(v)) is an unbiased estimate of the gradient of
+KL(p_t || q_t) (`sample_classes`, `rs_kd_loss`).
+
+Other objectives: Decoupled KD (`dkd_loss`, Zhao et al. 2022) and AT-KD (`atkd_loss`,
+Zhong et al. 2024), both built on the DKD identity
+    KL(p || q) = TCKD + (1 - p(y)) * NCKD.
+
+Memory (paper Sec. 4, Appendix H)
+---------------------------------
+The LM head is the memory hog: (B, T, V) fp32 logits for a 150k vocabulary are ~0.6 GB per
+1k tokens, twice (teacher and student), plus softmax copies and their gradients.
+ * `chunked_entropy` scores all positions (no grad) with at most `chunk_size` rows of logits
+   alive at a time.
+ * `head_loss` is the selective LM head: the caller gathers the hidden states of the selected
+   rows only (h[m]), and head_loss computes teacher logits (no grad) and student logits for
+   `chunk_size` rows at a time. It is a custom autograd.Function that computes the gradient of
+   each chunk w.r.t. its logits right away in the forward pass and folds it into grad_h
+   (N, d) and grad_W (V, d); so nothing of size (chunk, V) survives a chunk, and backward is
+   just a rescale. No (B, T, V) tensor exists for the student or the teacher in a step (the
+   trunks still run on all tokens). Full KD (k = 100%) is the same call with every valid row
+   selected: this is the chunked dense path.
+
+Numerics: every softmax is a log_softmax in fp32 (bf16/fp16 inputs are upcast after the head
+matmul, which runs in the model's dtype like the model's own head would); terms p log p with
+p = 0 are exactly 0, so -inf logits (masked vocabulary) never produce NaN. A row needs at
+least one finite logit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _logp(logits, temperature=1.0):
+    """fp32 log-softmax over the last dim at temperature `temperature`."""
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    return torch.log_softmax(z, dim=-1)
+
+
+def _kl_logp(lp, lq):
+    """KL(p || q) over the last dim from log-probs; classes with p = 0 contribute exactly 0.
+
+    Both log-probs are replaced by 0 where p = 0 *before* subtracting, so -inf - (-inf) never
+    happens, neither in the value nor in the gradient.
+    """
+    p = lp.exp()
+    keep = p > 0
+    diff = torch.where(keep, lp, 0.0) - torch.where(keep, lq, 0.0)
+    return (p * diff).sum(-1)
+
+
+def _logsumexp(x):
+    """logsumexp over the last dim that is -inf (not NaN in backward) for all -inf rows."""
+    ok = torch.isfinite(x.amax(-1, keepdim=True))  # (..., 1)
+    out = torch.logsumexp(torch.where(ok, x, 0.0), -1)
+    return torch.where(ok.squeeze(-1), out, float("-inf"))
+
+
+def _check_temperature(temperature):
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+# ----------------------------------------------------------------------------- entropy
+
+def entropy_from_logits(logits):
+    """Shannon entropy H(softmax(logits)) = -sum_v q(v) log q(v), fp32, over the last dim.
+
+    logits (..., V) -> (...). Classes with -inf logits contribute 0.
+    """
+    lq = _logp(logits)
+    q = lq.exp()
+    return -(q * torch.where(q > 0, lq, 0.0)).sum(-1)
+
+
+@torch.no_grad()
+def chunked_entropy(hidden, lm_head_weight, chunk_size=1024):
+    """Entropy of softmax(hidden @ W^T) per position without materialising all logits.
+
+    hidden (B, T, d) (any leading dims), lm_head_weight (V, d) -> (B, T) fp32.
+    Used to score positions by the student entropy H(q_t) (SE-KD). No grad; at most
+    `chunk_size` rows of logits are alive at once. The matmul runs in the weight's dtype
+    (as the model's head would), the softmax in fp32; the result equals
+    entropy_from_logits(hidden @ W^T) (to 1e-5 in fp32).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if hidden.shape[-1] != lm_head_weight.shape[-1]:
+        raise ValueError(f"hidden dim {hidden.shape[-1]} != lm_head_weight dim "
+                         f"{lm_head_weight.shape[-1]}")
+    lead = hidden.shape[:-1]
+    h = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
+    out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)  # (N,)
+    W = lm_head_weight.to(h.dtype)
+    for i in range(0, h.shape[0], chunk_size):
+        out[i:i + chunk_size] = entropy_from_logits(h[i:i + chunk_size] @ W.T)  # (c, V) alive
+    return out.reshape(lead)
+
+
+# ----------------------------------------------------------------------------- per-position objectives
+
+def kl_per_position(teacher_logits, student_logits, temperature=1.0):
+    """Forward KL(p || q) per row, fp32 (Hinton et al. 2015; the dense KD term of the paper).
+
+    KL(p || q) = sum_v p(v) (log p(v) - log q(v)) with p = softmax(t / tau), q = softmax(s / tau):
+    the true KL (it includes the teacher entropy term, so it is 0 iff p = q), multiplied by
+    tau^2 when tau != 1. (..., V), (..., V) -> (...).
+    """
+    _check_temperature(temperature)
+    kl = _kl_logp(_logp(teacher_logits, temperature), _logp(student_logits, temperature))
+    return kl * temperature ** 2
+
+
+def reverse_kl_per_position(teacher_logits, student_logits, temperature=1.0):
+    """Reverse KL(q || p) = sum_v q(v) (log q(v) - log p(v)) per row, fp32, times tau^2.
+
+    The mode-seeking objective used for on-policy distillation (e.g. GKD, MiniLLM).
+    (..., V), (..., V) -> (...).
+    """
+    _check_temperature(temperature)
+    kl = _kl_logp(_logp(student_logits, temperature), _logp(teacher_logits, temperature))
+    return kl * temperature ** 2
+
+
+def ce_per_position(student_logits, targets):
+    """Cross-entropy -log q(y) per row (tau = 1 always). (..., V), (...) long -> (...) fp32."""
+    lq = _logp(student_logits)
+    return -lq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def dkd_terms(teacher_logits, student_logits, targets, temperature=1.0):
+    """(TCKD, NCKD) per row of Decoupled KD (Zhao et al. 2022), fp32, each times tau^2.
+
+    With b = [p(y), 1 - p(y)] the binary target/non-target split and p^ the teacher
+    distribution renormalised over the non-target classes (same for q^, the student):
+        TCKD = KL(b^p || b^q)
+        NCKD = KL(p^ || q^)
+    and KL(p || q) = TCKD + (1 - p(y)) * NCKD exactly (the DKD decomposition).
+    log(1 - p(y)) is computed as logsumexp over the non-target log-probs (no cancellation).
+    If the teacher puts all its mass on y, p^ is undefined and NCKD is set to 0 (its
+    coefficient 1 - p(y) is 0 anyway). (..., V), (..., V), (...) -> (...), (...).
+    """
+    _check_temperature(temperature)
+    lp = _logp(teacher_logits, temperature)  # (..., V)
+    lq = _logp(student_logits, temperature)  # (..., V)
+    y = targets.unsqueeze(-1)
+    lp_y, lq_y = lp.gather(-1, y).squeeze(-1), lq.gather(-1, y).squeeze(-1)  # (...)
+    is_y = torch.zeros_like(lp, dtype=torch.bool).scatter_(-1, y, True)
+    lp_n = lp.masked_fill(is_y, float("-inf"))  # non-target log-probs, target removed
+    lq_n = lq.masked_fill(is_y, float("-inf"))
+    lp_not, lq_not = _logsumexp(lp_n), _logsumexp(lq_n)  # log(1 - p(y)), log(1 - q(y))
+    # binary KL; each of its two terms is 0 where the teacher's binary prob is 0
+    tckd = _kl_logp(torch.stack([lp_y, lp_not], -1), torch.stack([lq_y, lq_not], -1))
+    # renormalised non-target distributions; guard rows where 1 - p(y) = 0 (all mass on y)
+    has_rest = torch.isfinite(lp_not)
+    lp_hat = lp_n - torch.where(has_rest, lp_not, 0.0).unsqueeze(-1)
+    lq_hat = lq_n - torch.where(has_rest, lq_not, 0.0).unsqueeze(-1)
+    nckd = torch.where(has_rest, _kl_logp(lp_hat, lq_hat), 0.0)
+    t2 = temperature ** 2
+    return tckd * t2, nckd * t2
+
+
+def dkd_loss(teacher_logits, student_logits, targets, alpha=1.0, beta=8.0, temperature=1.0):
+    """Decoupled KD per row: alpha * TCKD + beta * NCKD (Zhao et al. 2022), fp32.
+
+    Unlike KL (= TCKD + (1 - p(y)) NCKD), NCKD is not suppressed on positions where the
+    teacher is confident. Defaults alpha = 1, beta = 8 as in the DKD paper. See dkd_terms.
+    (..., V), (..., V), (...) -> (...).
+    """
+    tckd, nckd = dkd_terms(teacher_logits, student_logits, targets, temperature)
+    return alpha * tckd + beta * nckd
+
+
+# ----------------------------------------------------------------------------- AT-KD
+
+def _atkd_row_coefs(unc, weights, hard_frac, lam):
+    """Per-row coefficients of AT-KD given the uncertainty (N,) and row weights (N,).
+
+    Rows are ranked by uncertainty 1 - p_t(y) (descending; ties keep row order); the first
+    ceil(hard_frac * N) are hard. Each group's loss is the weighted mean of its rows,
+        L_g = sum_{n in g} w_n l_n / sum_{n in g} w_n        (0 if the group is empty/weightless)
+    and L = W * (lam * L_easy + (1 - lam) * L_hard), W = sum_n w_n. Returns (coef (N,), hard (N,) bool)
+    with L = sum_n coef_n * l_n, where l_n = NCKD_n for easy rows and TCKD_n + NCKD_n for hard ones.
+    """
+    n = unc.shape[0]
+    n_hard = min(n, math.ceil(hard_frac * n))
+    order = torch.sort(unc, descending=True, stable=True).indices
+    hard = torch.zeros(n, dtype=torch.bool, device=unc.device)
+    hard[order[:n_hard]] = True
+    w = weights.float()
+    w_hard = (w * hard).sum()
+    w_easy = (w * ~hard).sum()
+    total = w.sum()
+    # clamp only guards the 0/0 of an empty group: then every w_n in it is 0 and so is coef_n
+    coef = torch.where(hard, (1 - lam) * w / w_hard.clamp_min(1e-30),
+                       lam * w / w_easy.clamp_min(1e-30)) * total
+    return coef, hard
+
+
+def atkd_loss(teacher_logits, student_logits, targets, valid, hard_frac=0.5, lam=0.2):
+    """AT-KD (Zhong et al. 2024, "Revisiting KD for Autoregressive LMs"), scalar fp32.
+
+    The uncertainty of a position is 1 - p_t(y_t) (teacher at tau = 1). Among the valid
+    positions, the top ceil(hard_frac * n_valid) by uncertainty are *hard*, the rest *easy*.
+    Easy positions get only the non-target (diversity) term, hard ones target + non-target:
+        l_easy = NCKD,   l_hard = TCKD + NCKD       (DKD terms, see dkd_terms)
+    NCKD is used *decoupled*, without the (1 - p(y)) factor it has inside KL: on easy
+    positions that factor is near 0 and would erase the only term they get.
+    Normalisation: each group is averaged over its own positions (mean over easy, mean over
+    hard), then L = lam * L_easy + (1 - lam) * L_hard, so lam sets the relative weight of
+    the groups regardless of their sizes. An empty group contributes 0 (no renormalisation).
+    teacher/student (..., V), targets (...), valid (...) bool -> scalar.
+    """
+    valid = valid.bool()
+    t, s, y = teacher_logits[valid], student_logits[valid], targets[valid]  # (n, V), (n, V), (n,)
+    unc = 1 - _logp(t).gather(-1, y.unsqueeze(-1)).squeeze(-1).exp()  # (n,)
+    coef, hard = _atkd_row_coefs(unc, torch.ones_like(unc), hard_frac, lam)
+    coef = coef / max(1, unc.shape[0])  # W = n_valid above; the group means need W = 1
+    tckd, nckd = dkd_terms(t, s, y)
+    return (coef * (nckd + hard * tckd)).sum()
+
+
+# ----------------------------------------------------------------------------- RS-KD (class axis)
+
+@torch.no_grad()
+def sample_classes(teacher_logits, U, generator=None, temperature=1.0, chunk_size=1024):
+    """Draw U classes per row from p = softmax(teacher_logits / tau), with replacement.
+
+    teacher_logits (N, V) -> ids (N, U) long, probs (N, U) fp32 with probs = count / U of each
+    unique drawn id (so each row sums to 1 and E[probs of v] = p(v)). Rows with fewer than U
+    unique ids are padded with id 0 / prob 0. Classes with -inf logits are never drawn; a row
+    whose logits are all -inf is an error.
+    Sampling is by inverse CDF: U uniforms per row come from `generator` on *its* device (a CPU
+    generator works for CUDA logits, and the draws do not depend on the logits' device), and
+    class v is drawn when cdf(v-1) <= u * cdf(V) < cdf(v). p and its cdf are built chunk_size
+    rows at a time, so no (N, V) temporary exists besides the caller's logits.
+    """
+    if U < 1:
+        raise ValueError(f"U (classes per position) must be >= 1, got {U}")
+    if teacher_logits.dim() != 2:
+        raise ValueError(f"teacher_logits must be (N, V), got {tuple(teacher_logits.shape)}")
+    _check_temperature(temperature)
+    N, V = teacher_logits.shape
+    dev = teacher_logits.device
+    u = torch.rand(N, U, generator=generator,
+                   device=generator.device if generator is not None else dev).to(dev)  # (N, U)
+    draws = torch.empty(N, U, dtype=torch.long, device=dev)
+    for i in range(0, N, chunk_size):
+        p = _logp(teacher_logits[i:i + chunk_size], temperature).exp()  # (c, V)
+        cdf = p.cumsum(-1)  # (c, V), non-decreasing; flat over classes with p = 0
+        total = cdf[:, -1:]  # (c, 1), 1 up to rounding
+        if not torch.isfinite(total).all():
+            raise ValueError("teacher_logits has a row with no finite logit")
+        # right=True: the first class whose cdf exceeds x, never one with p = 0 (its cdf equals
+        # its predecessor's); the min() guards x rounding up to the total
+        idx = torch.searchsorted(cdf, u[i:i + chunk_size] * total, right=True)  # (c, U)
+        last = V - 1 - (p > 0).flip(-1).int().argmax(-1, keepdim=True)  # last class with p > 0
+        draws[i:i + chunk_size] = torch.minimum(idx, last)
+    s = draws.sort(dim=-1).values
+    new = torch.ones_like(s, dtype=torch.bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]  # first occurrence of each id in the sorted row
+    slot = new.long().cumsum(-1) - 1  # (N, U) output slot of every draw
+    counts = torch.zeros(s.shape, dtype=torch.float32, device=s.device).scatter_add_(
+        -1, slot, torch.ones_like(s, dtype=torch.float32))
+    ids = torch.zeros_like(s).scatter_(-1, slot, s)  # duplicates write the same id
+    return ids, counts / U
+
+
+def rs_kd_loss(student_logits, ids, probs, temperature=1.0):
+    """RS-KD loss per row with a sparse teacher target (random-sampling KD).
+
+        l = sum_u p~(v_u) (log p~(v_u) - log q(v_u))
+
+    with q the *full-vocabulary* student softmax (at tau, times tau^2 like the other KD
+    terms; the teacher sample should then come from sample_classes(..., temperature=tau)).
+    Entries with prob 0 are padding and contribute 0. Its gradient w.r.t. the student logits,
+    q - p~, is an unbiased estimate of that of KL(p || q) when p~ = sample_classes(p).
+    student_logits (N, V), ids (N, U) long, probs (N, U) -> (N,) fp32.
+    """
+    _check_temperature(temperature)
+    lq = _logp(student_logits, temperature).gather(-1, ids)  # (N, U)
+    pr = probs.float()
+    keep = pr > 0
+    diff = torch.where(keep, pr.clamp_min(1e-38).log(), 0.0) - torch.where(keep, lq, 0.0)
+    return (pr * diff).sum(-1) * temperature ** 2
+
+
+# ----------------------------------------------------------------------------- dense selective KD (reference)
+
+def normalise_by_samples(weights):
+    """weights (B, T) -> weights / |I|, I = sequences with any weight > 0 (paper Eq. 3-5).
+
+    This is the per-row weight `head_loss` expects (gather it with the same mask as the
+    hidden states). With no selected sequence the weights (all 0) are returned unchanged.
+    """
+    n = (weights > 0).any(-1).sum().clamp_min(1)
+    return weights / n
+
+
+def selective_kd_loss(kd, weights, ce=None, lam=1.0):
+    """Selective KD step loss from dense per-position losses (paper Eq. 3-5), scalar fp32.
+
+        L = 1/|I| sum_{i,t} w_{i,t} (lam * kd_{i,t} + (1 - lam) * ce_{i,t})
+
+    kd, weights, ce: (B, T). I = sequences with any weight. Positions with weight 0 are
+    excluded with `where` (not multiplied), so inf/NaN there cannot leak in. Equal to
+    head_loss on the selected rows; this dense form is the reference and the simple path.
+    """
+    if lam != 1.0 and ce is None:
+        raise ValueError("selective_kd_loss: lam != 1 needs the ce per-position losses")
+    per = lam * kd.float() if lam != 0 else torch.zeros_like(weights, dtype=torch.float32)
+    if lam != 1.0:
+        per = per + (1 - lam) * ce.float()
+    w = normalise_by_samples(weights.float())
+    return torch.where(w > 0, w * per, 0.0).sum()
+
+
+def selective_logits(hidden, head_weight, mask):
+    """Selective LM head: logits only for the selected positions.
+
+    hidden (B, T, d), head_weight (V, d), mask (B, T) bool -> (N, V), N = mask.sum().
+    Gathers first, multiplies second, so the (B, T, V) logits are never formed.
+    """
+    return hidden[mask] @ head_weight.T
+
+
+# ----------------------------------------------------------------------------- the training-step loss
+
+@dataclass
+class DenseTeacher:
+    """Teacher given by its final hidden states of the selected rows and its LM head.
+
+    hidden (N, d_t), head (V, d_t). Logits are computed per chunk, without grad, in fp32.
+    """
+    hidden: torch.Tensor
+    head: torch.Tensor
+
+
+@dataclass
+class SparseTeacher:
+    """RS-KD teacher target: ids (N, U) long, probs (N, U) float, probs == 0 is padding.
+
+    From the offline cache (cache.py) or from sample_classes on live teacher logits.
+    """
+    ids: torch.Tensor
+    probs: torch.Tensor
+
+
+class _FusedHead(torch.autograd.Function):
+    """loss = chunk_loss over chunks of rows of (h @ W^T); grads are computed in forward.
+
+    forward: for each chunk of rows, logits (c, V) -> loss -> d loss / d logits (c, V) ->
+    grad_h[chunk] = g @ W and grad_W += g^T @ h[chunk]; the chunk's (c, V) tensors die
+    there. backward only multiplies the stored grad_h (N, d) and grad_W (V, d, fp32) by the
+    incoming scalar gradient. (Same memory as recomputing each chunk in backward with
+    torch.utils.checkpoint, without computing the logits twice.)
+    """
+
+    @staticmethod
+    def forward(ctx, h, W, chunk_loss, chunk_size):
+        need_h, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total, gh, gW = _run_chunks(h, W, chunk_loss, chunk_size, need_h, need_W)
+        ctx.w_dtype = W.dtype
+        ctx.save_for_backward(gh, gW)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gh, gW = ctx.saved_tensors
+        gh = None if gh is None else gh * grad_out.to(gh.dtype)
+        gW = None if gW is None else (gW * grad_out).to(ctx.w_dtype)
+        return gh, gW, None, None
+
+
+def _run_chunks(h, W, chunk_loss, chunk_size, need_h=False, need_W=False):
+    """Sum chunk_loss(i0, i1, logits_fp32) over row chunks; optionally its grads wrt h and W."""
+    N = h.shape[0]
+    Wd, hd = W.detach(), h.detach()
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    gh = torch.zeros_like(hd) if need_h else None  # (N, d)
+    gW = torch.zeros(W.shape, dtype=torch.float32, device=W.device) if need_W else None  # (V, d)
+    for i0 in range(0, N, chunk_size):
+        i1 = min(N, i0 + chunk_size)
+        hc = hd[i0:i1]  # (c, d)
+        z = (hc @ Wd.T).float()  # (c, V): the only student logits alive
+        if need_h or need_W:
+            z.requires_grad_(True)
+            with torch.enable_grad():
+                loss = chunk_loss(i0, i1, z)
+                (g,) = torch.autograd.grad(loss, z, allow_unused=True)
+            if g is not None:
+                g = g.to(Wd.dtype)  # (c, V), same cast autograd does for logits.float()
+                if need_h:
+                    gh[i0:i1] = g @ Wd
+                if need_W:
+                    gW.add_(g.T @ hc)  # accumulate across chunks in fp32
+            del z, g
+        else:
+            loss = chunk_loss(i0, i1, z)
+        total += loss.detach()
+    return total, gh, gW
+
+
+HEAD_LOSSES = ("kl", "reverse_kl", "dkd", "atkd", "ce")
+
+
+def head_loss(student_hidden, student_head, targets, weights, teacher, loss="kl",
+              temperature=1.0, lam=1.0, chunk_size=1024, hard_frac=0.5, atkd_lam=0.2):
+    """Selective KD loss of one training step, straight from hidden states (paper Eq. 3-5).
+
+        L = sum_n w_n * (lam * kd_n + (1 - lam) * ce_n)
+
+    student_hidden (N, d): the student's final hidden states of the selected rows only
+    (h_s[sel], sel = weights_BT > 0); student_head (V, d) its LM head (may be tied to the
+    embedding); targets (N,) long the next tokens; weights (N,) the selection weights of those
+    rows already divided by the number of sequences with any weight (normalise_by_samples),
+    so L is exactly Eq. 3-5. lam is the KD weight; ce_n = -log q(y_n) at tau = 1.
+
+    teacher: DenseTeacher(hidden (N, d_t), head (V, d_t)) -> kd_n = PER_POSITION[loss] at tau
+    (teacher logits per chunk, no grad), or SparseTeacher(ids, probs) -> kd_n = rs_kd_loss
+    (then `loss` must be 'kl'), or None when lam == 0 (pure CE).
+
+    loss in HEAD_LOSSES. 'atkd': a first chunked no-grad pass computes p_t(y) for every row;
+    the top ceil(hard_frac * N) rows by 1 - p_t(y) are hard (tau = 1 for the ranking). The
+    weights act inside each group as a weighted mean (sum_g w_n l_n / sum_g w_n, so the
+    selection policy's relative weights are kept), and the two group means are combined as
+    atkd_lam * easy + (1 - atkd_lam) * hard, then multiplied by W = sum_n w_n so the KD term
+    has the same overall scale as the other losses (with w_n = 1/N it equals atkd_loss).
+
+    Memory: logits exist for at most chunk_size rows at a time, in forward and backward
+    (see _FusedHead). Returns an fp32 scalar; with N = 0 it is a 0 still connected to
+    student_head/student_hidden, so backward() works and gives zero grads.
+    """
+    if loss not in HEAD_LOSSES:
+        raise ValueError(f"--loss must be one of {HEAD_LOSSES}, got {loss!r}")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"--lam must be in [0, 1], got {lam}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_temperature(temperature)
+    if student_hidden.dim() != 2 or student_head.dim() != 2 \
+            or student_hidden.shape[1] != student_head.shape[1]:
+        raise ValueError(f"student_hidden (N, d) and student_head (V, d) mismatch: "
+                         f"{tuple(student_hidden.shape)} vs {tuple(student_head.shape)}")
+    N, V = student_hidden.shape[0], student_head.shape[0]
+    if targets.shape != (N,) or weights.shape != (N,):
+        raise ValueError(f"targets and weights must be ({N},), got {tuple(targets.shape)} "
+                         f"and {tuple(weights.shape)}")
+    if N and (targets.min() < 0 or targets.max() >= V):
+        raise ValueError(f"targets must be in [0, {V}) (padding rows must not be selected)")
+    use_kd = lam > 0
+    if use_kd:
+        if teacher is None:
+            raise ValueError("teacher is None but --lam > 0 needs a teacher")
+        if isinstance(teacher, SparseTeacher):
+            if loss != "kl":
+                raise ValueError(f"--loss {loss} needs full teacher logits; "
+                                 "a sparse (RS-KD) teacher only supports --loss kl")
+            if teacher.ids.shape[0] != N or teacher.probs.shape != teacher.ids.shape:
+                raise ValueError(f"SparseTeacher ids/probs must both be ({N}, U), got "
+                                 f"{tuple(teacher.ids.shape)} and {tuple(teacher.probs.shape)}")
+            if N and (teacher.ids.min() < 0 or teacher.ids.max() >= V):
+                raise ValueError(f"SparseTeacher ids must be in [0, {V})")
+        elif isinstance(teacher, DenseTeacher):
+            if teacher.hidden.dim() != 2 or teacher.hidden.shape[0] != N \
+                    or teacher.head.shape != (V, teacher.hidden.shape[1]):
+                raise ValueError(f"DenseTeacher hidden must be ({N}, d_t) and head ({V}, d_t) "
+                                 f"(same vocabulary as the student; slice a padded head to {V}), "
+                                 f"got {tuple(teacher.hidden.shape)} and {tuple(teacher.head.shape)}")
+        else:
+            raise ValueError(f"teacher must be DenseTeacher or SparseTeacher, got {type(teacher).__name__}")
+
+    def teacher_logits(i0, i1):  # (c, V) fp32, no grad
+        with torch.no_grad():
+            th = teacher.hidden[i0:i1].detach()
+            return (th @ teacher.head.detach().to(th.dtype).T).float()
+
+    w = weights.detach().float()
+    kd_coef = lam * w  # (N,)
+    hard = None
+    if use_kd and loss == "atkd":
+        unc = torch.empty(N, dtype=torch.float32, device=w.device)
+        for i0 in range(0, N, chunk_size):
+            i1 = min(N, i0 + chunk_size)
+            lp = _logp(teacher_logits(i0, i1))
+            unc[i0:i1] = 1 - lp.gather(-1, targets[i0:i1, None]).squeeze(-1).exp()
+        coef, hard = _atkd_row_coefs(unc, w, hard_frac, atkd_lam)
+        kd_coef = lam * coef
+    ce_coef = (1 - lam) * w
+
+    def chunk_loss(i0, i1, z):  # z (c, V) fp32 student logits -> scalar
+        y = targets[i0:i1]
+        out = z.new_zeros(())
+        if use_kd:
+            if isinstance(teacher, SparseTeacher):
+                kd = rs_kd_loss(z, teacher.ids[i0:i1], teacher.probs[i0:i1], temperature)
+            elif loss == "atkd":
+                tckd, nckd = dkd_terms(teacher_logits(i0, i1), z, y, temperature)
+                kd = nckd + hard[i0:i1] * tckd
+            else:
+                kd = PER_POSITION[loss](teacher_logits(i0, i1), z, y, temperature)
+            # `where`, not a product, so a 0-weight row with an infinite loss adds nothing
+            out = out + torch.where(kd_coef[i0:i1] > 0, kd_coef[i0:i1] * kd, 0.0).sum()
+        if lam < 1:
+            ce = ce_per_position(z, y)
+            out = out + torch.where(ce_coef[i0:i1] > 0, ce_coef[i0:i1] * ce, 0.0).sum()
+        return out
+
+    if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad):
+        return _FusedHead.apply(student_hidden, student_head, chunk_loss, chunk_size)
+    return _run_chunks(student_hidden, student_head, chunk_loss, chunk_size)[0]
+
+
+# ----------------------------------------------------------------------------- registries
+
+def _kl(teacher_logits, student_logits, targets, temperature=1.0):
+    return kl_per_position(teacher_logits, student_logits, temperature)
+
+
+def _reverse_kl(teacher_logits, student_logits, targets, temperature=1.0):
+    return reverse_kl_per_position(teacher_logits, student_logits, temperature)
+
+
+def _dkd(teacher_logits, student_logits, targets, temperature=1.0):
+    return dkd_loss(teacher_logits, student_logits, targets, temperature=temperature)
+
+
+def _ce(teacher_logits, student_logits, targets, temperature=1.0):
+    return ce_per_position(student_logits, targets)  # teacher (may be None) and tau unused
+
+
+# fn(teacher_logits (N, V), student_logits (N, V), targets (N,), temperature=1.0) -> (N,) fp32
+PER_POSITION = {
+    "kl": _kl,                  # forward KL(p || q)
+    "reverse_kl": _reverse_kl,  # KL(q || p)
+    "dkd": _dkd,                # alpha=1 * TCKD + beta=8 * NCKD
+    "ce": _ce,                  # -log q(y), ignores the teacher
+}

@@ -1,0 +1,596 @@
+"""Selection along the position and sample axes of selective knowledge distillation.
+
+Tavor et al., "Rethinking Selective Knowledge Distillation" (arXiv 2602.01395), split selective KD
+into three axes: which token *positions* get teacher supervision, which vocabulary *classes* (see
+losses.py / cache.py, RS-KD) and which training *samples*. This module holds the first and the last,
+as plain tensor functions.
+
+Notation (as in the paper)
+    p_t   teacher distribution over the vocabulary at position t   = softmax(teacher logits)
+    q_t   student distribution at position t                       = softmax(student logits)
+    y_t   the target (next) token at position t
+    m_t   selection mask/weight of position t (here: w[b, t], already normalised, see below)
+    s_i   score of training sample i
+
+A selective KD run is metric + policy:
+
+1. An importance *metric* (Table 1) scores every position, e.g. the student entropy H(q_t).
+   ``METRICS[name](student_logits, teacher_logits, targets, generator=None) -> scores``
+   logits (..., V) of any float dtype, targets (...) integer, scores (...) float32. All math in fp32.
+   Scores are constants: inputs are detached, nothing here is ever back-propagated.
+
+2. A selection *policy* turns scores into per-position weights.
+   ``POLICIES[name](scores (B, T), valid (B, T) bool, k, **kw) -> w (B, T) float32``
+   The weights already hold Eq. 4's per-sequence normalisation, so the KD loss of sequence b is
+   ``sum_t w[b, t] * l[b, t]`` with l the per-position KL(p_t || q_t); for a hard mask m this is
+   (1 / sum_t m_t) * sum_t m_t l_t. Invalid (padding/prompt) positions always get weight 0, and a
+   sequence with nothing selected gets an all-zero row, which ``batch_mean`` leaves out of the batch
+   average (never a 0/0 = NaN). Every policy accepts and ignores keyword arguments it does not use, so
+   train.py can call them all alike:
+   ``POLICIES[name](scores, valid, k, generator=g, progress=p, state=gls_queue, temperature=tau)``.
+
+   The budget of sequence b is K_b = ceil(k * n_b), n_b = its number of valid positions (Eq. 6).
+   k is read as an exact decimal (0.28 means 28/100, so ceil(0.28 * 25) = 7 even though the float
+   product is 7.000000000000001), and any non-empty sequence gets at least one position.
+
+3. Sample selection keeps the ceil(l * N) samples with the highest score s_i, where s_i is the mean
+   of a metric over the valid positions of sample i, computed by a frozen student (``sample_scores``)
+   without ever materialising the (B, T, V) logits (``chunked_scores``, the paper's efficiency point).
+
+Shapes: B batch, T positions, V vocabulary, d hidden size, N samples.
+"""
+
+import math
+from fractions import Fraction
+
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+
+
+def check_fraction(x, name):
+    """Return x as a float if 0 < x <= 1, else raise a one-line ValueError naming the CLI flag."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        raise ValueError(f"--{name} must be in (0, 1], got {x}") from None
+    if not (0.0 < v <= 1.0):  # also rejects NaN
+        raise ValueError(f"--{name} must be in (0, 1], got {x}")
+    return v
+
+
+def _fraction(x):
+    # The decimal the user typed (repr is the shortest round-tripping decimal), as num/den with
+    # den <= 1e9 so that num * n stays far inside int64 for any sequence length.
+    f = Fraction(repr(float(x))).limit_denominator(10**9)
+    return f.numerator, f.denominator
+
+
+def num_selected(valid, k):
+    """Budget K_b = ceil(k * n_b) per row of valid (B, T) -> (B,) int64 (Eq. 6).
+
+    Exact integer arithmetic; 1 <= K_b <= n_b for a non-empty row, 0 for an empty one.
+    """
+    k = check_fraction(k, "k")
+    num, den = _fraction(k)
+    n = valid.sum(-1).long()  # (B,)
+    K = (n * num + den - 1) // den  # ceil(n * num / den) on non-negative integers
+    K = torch.minimum(K.clamp(min=1), n)  # tiny k still keeps one position; an empty row keeps 0
+    return K
+
+
+def _check_policy_inputs(scores, valid):
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be (B, T), got shape {tuple(scores.shape)}")
+    if valid.shape != scores.shape:
+        raise ValueError(f"valid {tuple(valid.shape)} must have the shape of scores {tuple(scores.shape)}")
+    return scores.detach().float(), valid.bool()
+
+
+def _normalise(sel, valid):
+    """Hard mask (B, T) -> weights 1/count on each selected valid position; zero rows stay zero."""
+    sel = sel & valid
+    cnt = sel.sum(-1, keepdim=True).clamp(min=1)  # clamp: an empty row is 0/1 = 0, not 0/0
+    return sel.float() / cnt
+
+
+def _rank_desc(scores, valid):
+    """Rank (B, T) int64 of every position in the order (valid first, score descending, earlier
+    position first among equal scores). Valid positions of row b get ranks 0 .. n_b - 1.
+
+    Tie rule: two sorts, both stable. NaN scores count as -inf (the least important).
+    """
+    B, T = scores.shape
+    s = torch.where(torch.isnan(scores), torch.full_like(scores, -math.inf), scores)
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices  # (B, T)
+    invalid = (~valid).gather(-1, order).to(torch.uint8)  # 0 = valid, 1 = padding
+    order = order.gather(-1, torch.sort(invalid, dim=-1, stable=True).indices)  # valid first
+    pos = torch.arange(T, device=scores.device).expand(B, T)
+    return torch.empty_like(order).scatter_(-1, order, pos)  # rank[b, order[b, j]] = j
+
+
+def _draw_device(generator, device):
+    # A torch.Generator only feeds tensors on its own device; draw there, then move to the input's.
+    return generator.device if generator is not None else device
+
+
+def _rand(shape, device, generator):
+    d = _draw_device(generator, device)
+    return torch.rand(shape, generator=generator, device=d).to(device)
+
+
+def batch_mean(weights, losses):
+    """Eq. 4 batch loss: mean over sequences with any weight of sum_t w[b, t] * l[b, t].
+
+    Rows with no weight (no valid / no selected position) are left out of the mean; an all-empty
+    batch gives 0, never NaN. weights, losses: (B, T) -> scalar float32.
+    """
+    l = torch.where(weights > 0, losses.float(), torch.zeros_like(losses, dtype=torch.float32))
+    per_seq = (weights * l).sum(-1)  # (B,)
+    rows = (weights > 0).any(-1).sum().clamp(min=1)
+    return per_seq.sum() / rows
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics (Table 1): fn(student_logits, teacher_logits, targets, generator=None) -> scores (...)
+
+# A ratio's denominator is clamped here: a teacher that is (numerically) certain of y_t has
+# CE_t = -log p_t(y_t) ~ 0, and the ratio becomes CE_s / 1e-6 (large but finite) instead of inf/NaN.
+CE_EPS = 1e-6
+
+
+def _logprobs(logits, name, targets):
+    if logits is None:
+        raise ValueError(f"{name} is required by this metric, got None")
+    if not torch.is_floating_point(logits):
+        raise ValueError(f"{name} must be a float tensor, got {logits.dtype}")
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"{name} {tuple(logits.shape)} must be targets {tuple(targets.shape)} + (V,)")
+    return torch.log_softmax(logits.detach().float(), dim=-1)  # (..., V) fp32
+
+
+def _check_targets(targets):
+    if targets is None or torch.is_floating_point(targets) or targets.is_complex():
+        raise ValueError("targets must be an integer tensor of token ids")
+    return targets.detach()
+
+
+def _entropy(logp):
+    # H = -sum_v p_v log p_v, with 0 log 0 = 0 (a -inf logit must not give 0 * -inf = NaN)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+
+
+def _kl(logp, logq):
+    # KL(p || q) = sum_v p_v (log p_v - log q_v), summed over the support of p only
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+
+
+def _ce(logp, targets):
+    # -log p(y); a target outside [0, V) (e.g. ignore_index -100) scores 0: callers mask it by `valid`
+    V = logp.shape[-1]
+    ok = (targets >= 0) & (targets < V)
+    idx = targets.clamp(0, V - 1).long().unsqueeze(-1)
+    ce = -logp.gather(-1, idx).squeeze(-1)
+    return torch.where(ok, ce, torch.zeros_like(ce))
+
+
+def _both(student_logits, teacher_logits, targets):
+    targets = _check_targets(targets)
+    logq = _logprobs(student_logits, "student_logits", targets)
+    logp = _logprobs(teacher_logits, "teacher_logits", targets)
+    if logq.shape != logp.shape:
+        raise ValueError(f"student and teacher vocabularies differ: {logq.shape[-1]} vs {logp.shape[-1]}")
+    return logq, logp, targets
+
+
+def student_entropy(student_logits, teacher_logits, targets, generator=None):
+    """Student entropy H(q_t) = -sum_v q_t(v) log q_t(v) (Table 1; SE-KD's signal)."""
+    targets = _check_targets(targets)
+    return _entropy(_logprobs(student_logits, "student_logits", targets))
+
+
+def teacher_entropy(student_logits, teacher_logits, targets, generator=None):
+    """Teacher entropy H(p_t) = -sum_v p_t(v) log p_t(v) (Table 1)."""
+    targets = _check_targets(targets)
+    return _entropy(_logprobs(teacher_logits, "teacher_logits", targets))
+
+
+def student_ce(student_logits, teacher_logits, targets, generator=None):
+    """Student cross-entropy CE_s = -log q_t(y_t) (Table 1)."""
+    targets = _check_targets(targets)
+    return _ce(_logprobs(student_logits, "student_logits", targets), targets)
+
+
+def teacher_ce(student_logits, teacher_logits, targets, generator=None):
+    """Teacher cross-entropy CE_t = -log p_t(y_t) (Table 1)."""
+    targets = _check_targets(targets)
+    return _ce(_logprobs(teacher_logits, "teacher_logits", targets), targets)
+
+
+def kl(student_logits, teacher_logits, targets, generator=None):
+    """Forward KL(p_t || q_t) = sum_v p_t(v) log(p_t(v) / q_t(v)), the per-position KD loss (Table 1)."""
+    logq, logp, _ = _both(student_logits, teacher_logits, targets)
+    return _kl(logp, logq)
+
+
+def reverse_kl(student_logits, teacher_logits, targets, generator=None):
+    """Reverse KL(q_t || p_t) = sum_v q_t(v) log(q_t(v) / p_t(v)) (Table 1)."""
+    logq, logp, _ = _both(student_logits, teacher_logits, targets)
+    return _kl(logq, logp)
+
+
+def kl_student_entropy(student_logits, teacher_logits, targets, generator=None):
+    """KL + student entropy: KL(p_t || q_t) + H(q_t), a plain unweighted sum as in Table 1.
+
+    No term is rescaled: both are in nats, and rescaling would be a different metric from the paper's.
+    """
+    logq, logp, _ = _both(student_logits, teacher_logits, targets)
+    return _kl(logp, logq) + _entropy(logq)
+
+
+def ce_ratio(student_logits, teacher_logits, targets, generator=None):
+    """CE ratio CE_s / CE_t = log q_t(y_t) / log p_t(y_t) (Table 1): high where the student is far
+    worse on the target than the teacher. Guard: the denominator is clamped to >= CE_EPS (1e-6)."""
+    logq, logp, targets = _both(student_logits, teacher_logits, targets)
+    return _ce(logq, targets) / _ce(logp, targets).clamp(min=CE_EPS)
+
+
+def ce_ratio_student_entropy(student_logits, teacher_logits, targets, generator=None):
+    """CE ratio + student entropy: CE_s / max(CE_t, 1e-6) + H(q_t), a plain sum as in Table 1
+    (no normalisation of either term)."""
+    logq, logp, targets = _both(student_logits, teacher_logits, targets)
+    return _ce(logq, targets) / _ce(logp, targets).clamp(min=CE_EPS) + _entropy(logq)
+
+
+def random_metric(student_logits, teacher_logits, targets, generator=None):
+    """Random baseline (Table 1): s_t ~ U[0, 1) i.i.d. from `generator`; reads no logits at all."""
+    targets = _check_targets(targets)
+    return _rand(targets.shape, targets.device, generator)
+
+
+# metrics that read the teacher's logits (train.py refuses them when only a sparse cache exists)
+_TEACHER_METRICS = {"teacher_entropy", "teacher_ce", "kl", "reverse_kl", "kl_student_entropy",
+                    "ce_ratio", "ce_ratio_student_entropy"}
+# metrics that read the student's logits
+_STUDENT_METRICS = {"student_entropy", "student_ce", "kl", "reverse_kl", "kl_student_entropy",
+                    "ce_ratio", "ce_ratio_student_entropy"}
+
+
+def _check_metric(metric):
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {sorted(METRICS)}")
+
+
+def needs_teacher(metric):
+    """True if METRICS[metric] reads teacher logits (all but student-only metrics and random)."""
+    _check_metric(metric)
+    return metric in _TEACHER_METRICS
+
+
+SCORE_FREE_POLICIES = {"random"}  # policies whose weights never read the scores
+
+
+def needs_scores(policy, k, loss="kl"):
+    """Whether a step must score positions at all. Not for `random`, nor for top_k at k = 1 (it takes
+    every valid position): Full KD pays for no scoring pass, as in the paper's Full KD baseline.
+    The Weighted KD loss always needs them (its weights are the scores)."""
+    if loss == "weighted":
+        return True
+    return not (policy in SCORE_FREE_POLICIES or (policy == "top_k" and k >= 1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# position policies: fn(scores (B, T), valid (B, T), k, **kw) -> weights (B, T) float32
+
+
+def top_k(scores, valid, k, **kw):
+    """Top-k% per sequence (Eq. 6): the K_b = ceil(k * n_b) highest-scoring valid positions of each
+    sequence, weight 1 / K_b each. Ties: the earlier position wins (deterministic)."""
+    s, valid = _check_policy_inputs(scores, valid)
+    K = num_selected(valid, k)  # (B,)
+    sel = _rank_desc(s, valid) < K[:, None]  # (B, T)
+    return _normalise(sel, valid)
+
+
+def random_positions(scores, valid, k, generator=None, **kw):
+    """Random positions: K_b = ceil(k * n_b) valid positions uniformly without replacement, weight
+    1 / K_b. (Top-K of i.i.d. uniform keys is a uniform K-subset.) scores only give the shape."""
+    s, valid = _check_policy_inputs(scores, valid)
+    keys = _rand(s.shape, s.device, generator)  # (B, T)
+    sel = _rank_desc(keys, valid) < num_selected(valid, k)[:, None]
+    return _normalise(sel, valid)
+
+
+def curriculum(scores, valid, k, progress=None, **kw):
+    """Curriculum: a window of K_b = ceil(k * n_b) positions over the score-sorted valid positions,
+    sliding from the easiest (lowest scores) at progress 0 to the hardest (highest) at progress 1.
+
+    With positions sorted ascending (rank a = 0 .. n_b - 1) the window is a in [start, start + K_b),
+    start = round(progress * (n_b - K_b)). The order is top_k's reversed, so progress=1 equals top_k
+    exactly (ties: earlier position counts as harder).
+    """
+    s, valid = _check_policy_inputs(scores, valid)
+    if progress is None:
+        raise ValueError("curriculum needs progress= in [0, 1]")
+    p = float(progress)
+    if not (0.0 <= p <= 1.0):
+        raise ValueError(f"progress must be in [0, 1], got {progress}")
+    K = num_selected(valid, k)[:, None]  # (B, 1)
+    n = valid.sum(-1, keepdim=True).long()  # (B, 1)
+    asc = n - 1 - _rank_desc(s, valid)  # ascending rank; valid positions get 0 .. n_b - 1
+    start = torch.floor(p * (n - K).float() + 0.5).long()  # round half up, in [0, n_b - K_b]
+    sel = (asc >= start) & (asc < start + K)
+    return _normalise(sel, valid)
+
+
+def weighted(scores, valid, k=1.0, **kw):
+    """Weighted KD (Table 1's loss): w[b, t] = s_t / sum_t' s_t' over valid positions; every valid
+    position is supervised in proportion to its score. Scores are clamped at >= 0 (NaN -> 0,
+    +inf -> the largest float); a sequence whose scores sum to 0 falls back to uniform 1 / n_b.
+    k is ignored (the policy-shaped signature lets train.py call it like the others)."""
+    s, valid = _check_policy_inputs(scores, valid)
+    return _position_probs(s, valid, 1.0)
+
+
+def _position_probs(s, valid, temperature):
+    """q(t) proportional to max(s_t, 0) ** (1 / temperature) over valid positions; rows sum to 1,
+    zero-mass rows are uniform, empty rows are all zero. (B, T) float32."""
+    tau = float(temperature)
+    if not (tau > 0.0 and math.isfinite(tau)):
+        raise ValueError(f"--pos-rs-temp must be a positive number, got {temperature}")
+    big = torch.finfo(torch.float32).max
+    s = torch.nan_to_num(s, nan=0.0, posinf=big, neginf=0.0).clamp(min=0)
+    s = torch.where(valid, s, torch.zeros_like(s))
+    # divide by the row max first: same ratios, but the sum cannot overflow and s ** (1/tau) of a
+    # value in [0, 1] cannot either (for tau < 1 the maximum stays exactly 1)
+    m = s.amax(-1, keepdim=True)
+    s = torch.where(m > 0, s / m.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(s))
+    if tau != 1.0:
+        s = s ** (1.0 / tau)
+    tot = s.sum(-1, keepdim=True)
+    n = valid.sum(-1, keepdim=True).clamp(min=1)
+    uniform = valid.float() / n
+    return torch.where(tot > 0, s / tot.clamp(min=torch.finfo(torch.float32).tiny), uniform)
+
+
+def _pos_rs_draw(scores, valid, k, generator, temperature):
+    """K_b draws per row with replacement from q; returns counts c (B, T), K (B,), q (B, T)."""
+    s, valid = _check_policy_inputs(scores, valid)
+    q = _position_probs(s, valid, 1.0 if temperature is None else temperature)
+    K = num_selected(valid, k)  # (B,)
+    B, T = s.shape
+    counts = torch.zeros(B, T, device=s.device)
+    kmax = int(K.max()) if B > 0 else 0  # one host sync: the number of draws to make
+    if kmax > 0:
+        # empty rows get any proper distribution so multinomial accepts them; their draws are dropped
+        qq = torch.where(K[:, None] > 0, q, torch.ones_like(q))
+        d = _draw_device(generator, s.device)
+        idx = torch.multinomial(qq.to(d), kmax, replacement=True, generator=generator).to(s.device)
+        keep = (torch.arange(kmax, device=s.device)[None, :] < K[:, None]).float()  # (B, kmax)
+        counts.scatter_add_(-1, idx, keep)
+    return counts, K, q, valid
+
+
+def pos_rs(scores, valid, k, generator=None, temperature=1.0, **kw):
+    """Position random sampling (Appendix A): draw K_b = ceil(k * n_b) positions with replacement,
+    P(t) = q(t) proportional to max(s_t, 0) ** (1 / temperature) (temperature > 1 flattens q toward
+    uniform), and weight w_t = c_t / K_b with c_t the number of times t was drawn.
+
+    E[c_t] = K_b q(t), so E[sum_t w_t l_t] = sum_t q(t) l_t: at temperature 1 an unbiased estimator
+    of Weighted KD (exactly the `weighted` policy's weights)."""
+    counts, K, q, valid = _pos_rs_draw(scores, valid, k, generator, temperature)
+    return counts / K.clamp(min=1)[:, None].float()
+
+
+def pos_rs_star(scores, valid, k, generator=None, temperature=1.0, **kw):
+    """Position RS* (Appendix A): the same draws as pos_rs with importance weights
+    w_t = c_t / (K_b * n_b * q(t)), so E[w_t] = 1 / n_b and E[sum_t w_t l_t] = (1/n_b) sum_t l_t:
+    an unbiased estimator of Full KD (for any temperature) over the support of q. A position with
+    score 0 (while some other has mass) is never drawn, so its loss is not represented."""
+    counts, K, q, valid = _pos_rs_draw(scores, valid, k, generator, temperature)
+    n = valid.sum(-1, keepdim=True).float()
+    denom = K[:, None].float() * n * q
+    drawn = counts > 0  # drawn implies q > 0, so the division is safe where it is used
+    return torch.where(drawn, counts / denom.clamp(min=torch.finfo(torch.float32).tiny),
+                       torch.zeros_like(counts))
+
+
+class GLSQueue:
+    """Ring buffer of the most recent valid position scores, for Global-Level Selection.
+
+    push(scores) appends (oldest dropped beyond maxlen), quantile(q) is torch.quantile (linear
+    interpolation) over what is held, len() is how many are held. Lives on the device of the scores.
+    """
+
+    def __init__(self, maxlen=30000):
+        if int(maxlen) != maxlen or maxlen < 1:
+            raise ValueError(f"GLS queue maxlen must be a positive integer, got {maxlen}")
+        self.maxlen = int(maxlen)
+        self.buf = None  # (maxlen,) float32, allocated on first push
+        self.ptr = 0  # next slot to write
+        self.count = 0
+
+    def __len__(self):
+        return self.count
+
+    def push(self, scores):
+        x = scores.detach().float().reshape(-1)
+        x = x[~torch.isnan(x)]  # a NaN would poison every later quantile
+        n = x.numel()
+        if n == 0:
+            return
+        if self.buf is None:
+            self.buf = torch.zeros(self.maxlen, device=x.device)
+        elif self.buf.device != x.device:
+            self.buf = self.buf.to(x.device)
+        if n >= self.maxlen:  # only the newest maxlen survive
+            self.buf = x[-self.maxlen:].clone()
+            self.ptr, self.count = 0, self.maxlen
+            return
+        idx = (self.ptr + torch.arange(n, device=x.device)) % self.maxlen
+        self.buf[idx] = x
+        self.ptr = (self.ptr + n) % self.maxlen
+        self.count = min(self.count + n, self.maxlen)
+
+    def values(self):
+        """The held scores, oldest first, (len,) float32."""
+        if self.buf is None:
+            return torch.zeros(0)
+        if self.count < self.maxlen:
+            return self.buf[: self.count]
+        return torch.roll(self.buf, -self.ptr)
+
+    def quantile(self, q):
+        if self.count == 0:
+            raise ValueError("GLS queue is empty: push scores before asking for a quantile")
+        if not (0.0 <= float(q) <= 1.0):
+            raise ValueError(f"quantile must be in [0, 1], got {q}")
+        return torch.quantile(self.values(), float(q))
+
+    def state_dict(self):
+        return {"maxlen": self.maxlen, "values": self.values().cpu().clone()}
+
+    def load_state_dict(self, sd):
+        self.__init__(sd["maxlen"])
+        self.push(sd["values"])
+
+
+def gls(scores, valid, k, state=None, **kw):
+    """Global-Level Selection: select valid positions whose score is strictly above a global
+    threshold, the (1 - k) quantile of `state` (a GLSQueue of recent scores, default 30,000), then
+    normalise per sequence (weight 1 / count). The threshold uses only *previous* batches' scores:
+    this batch's valid scores are pushed after it is computed. Before the queue holds anything the
+    policy is top_k; k = 1 selects every valid position. A sequence with no position above the
+    threshold gets an all-zero row (it contributes no KD loss this step)."""
+    s, valid = _check_policy_inputs(scores, valid)
+    if not isinstance(state, GLSQueue):
+        raise ValueError("gls needs state=GLSQueue(...), the queue of recent scores")
+    k = check_fraction(k, "k")
+    if k >= 1.0:
+        w = _normalise(valid, valid)
+    elif len(state) == 0:
+        w = top_k(s, valid, k)
+    else:
+        thr = state.quantile(1.0 - k)
+        w = _normalise(s > thr, valid)
+    state.push(s[valid])  # after: the threshold never sees the batch it selects from
+    return w
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring from hidden states without (B, T, V) logits, and sample selection
+
+
+def chunked_scores(metric, student_hidden, student_head, targets, teacher_hidden=None,
+                   teacher_head=None, chunk_size=1024, generator=None):
+    """METRICS[metric] for every position, computed chunk_size rows at a time from hidden states.
+
+    student_hidden (B, T, d) is the state right before the LM head (after the final norm),
+    student_head (V, d) its weight; logits = hidden @ head.T. Only chunk_size rows of logits (and
+    their fp32 softmax temporaries) are ever alive. The matmul runs in the head's dtype, as the
+    model's own lm_head would; the metric math is fp32. Runs under torch.no_grad.
+    The `random` metric reads no logits: it is drawn once for all (B, T), like the dense call.
+    Returns (B, T) float32 on the targets' device.
+    """
+    _check_metric(metric)
+    if int(chunk_size) != chunk_size or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    targets = _check_targets(targets)
+    if targets.dim() != 2:
+        raise ValueError(f"targets must be (B, T), got shape {tuple(targets.shape)}")
+    B, T = targets.shape
+    fn = METRICS[metric]
+    if metric == "random":
+        return fn(None, None, targets, generator=generator)
+
+    def rows(hidden, head, who):
+        if hidden is None or head is None:
+            raise ValueError(f"metric {metric!r} needs {who}_hidden and {who}_head")
+        if hidden.shape[:2] != (B, T) or hidden.dim() != 3:
+            raise ValueError(f"{who}_hidden must be (B, T, d) = ({B}, {T}, d), got {tuple(hidden.shape)}")
+        if head.dim() != 2 or head.shape[1] != hidden.shape[2]:
+            raise ValueError(f"{who}_head must be (V, {hidden.shape[2]}), got {tuple(head.shape)}")
+        return hidden.reshape(B * T, -1)
+
+    hs = rows(student_hidden, student_head, "student") if metric in _STUDENT_METRICS else None
+    ht = rows(teacher_hidden, teacher_head, "teacher") if metric in _TEACHER_METRICS else None
+    y = targets.reshape(-1)
+    out = torch.empty(B * T, dtype=torch.float32, device=targets.device)
+    with torch.no_grad():
+        for i in range(0, B * T, int(chunk_size)):
+            j = min(i + int(chunk_size), B * T)
+            ls = hs[i:j].to(student_head.dtype) @ student_head.T if hs is not None else None  # (c, V)
+            lt = ht[i:j].to(teacher_head.dtype) @ teacher_head.T if ht is not None else None  # (c, V)
+            out[i:j] = fn(ls, lt, y[i:j], generator=generator)
+            del ls, lt  # free this chunk's logits before the next one is built
+    return out.view(B, T)
+
+
+DEFAULT_SAMPLE_METRIC = "student_entropy"  # the paper's sample score: mean H(q_t) of a frozen student
+
+
+def sample_scores(metric, student_hidden, student_head, targets, valid, teacher_hidden=None,
+                  teacher_head=None, chunk_size=1024, generator=None):
+    """Sample score s_i = mean over the valid positions of sample i of METRICS[metric] (metric=None
+    means 'student_entropy' of a frozen student; 'ce_ratio', 'kl', 'random' also make sense).
+
+    Shapes as chunked_scores with N samples in place of B; valid (N, T). Returns (N,) float32;
+    a sample with no valid position gets -inf so select_samples never keeps it. Call it batch by
+    batch and concatenate.
+    """
+    metric = DEFAULT_SAMPLE_METRIC if metric is None else metric
+    valid = valid.bool()
+    if valid.shape != targets.shape:
+        raise ValueError(f"valid {tuple(valid.shape)} must have the shape of targets {tuple(targets.shape)}")
+    per = chunked_scores(metric, student_hidden, student_head, targets, teacher_hidden, teacher_head,
+                         chunk_size, generator)  # (N, T)
+    per = torch.where(valid, per, torch.zeros_like(per))  # an inf at a padded position must not leak
+    n = valid.sum(-1)
+    mean = per.sum(-1) / n.clamp(min=1)
+    return torch.where(n > 0, mean, torch.full_like(mean, -math.inf))
+
+
+def select_samples(scores, l):
+    """Indices (ascending, int64) of the ceil(l * N) highest sample scores s_i (ties: lower index
+    wins). Samples scoring -inf or NaN (no valid position) are never kept, so fewer may come back."""
+    l = check_fraction(l, "l")
+    if scores.dim() != 1:
+        raise ValueError(f"sample scores must be (N,), got shape {tuple(scores.shape)}")
+    s = scores.detach().float()
+    N = s.numel()
+    num, den = _fraction(l)
+    K = min(max(-(-N * num // den), 1), N) if N > 0 else 0  # ceil(l * N), exact
+    ok = ~torch.isnan(s) & (s > -math.inf)
+    rank = _rank_desc(s[None], ok[None])[0]
+    keep = (rank < K) & ok
+    return torch.nonzero(keep).flatten()  # nonzero is ascending
+
+
+# ---------------------------------------------------------------------------------------------
+# registries (train.py and outside checks use exactly these names)
+
+METRICS = {
+    "student_entropy": student_entropy,
+    "teacher_entropy": teacher_entropy,
+    "student_ce": student_ce,
+    "teacher_ce": teacher_ce,
+    "kl": kl,
+    "reverse_kl": reverse_kl,
+    "kl_student_entropy": kl_student_entropy,
+    "ce_ratio": ce_ratio,
+    "ce_ratio_student_entropy": ce_ratio_student_entropy,
+    "random": random_metric,
+}
+
+POLICIES = {
+    "top_k": top_k,
+    "gls": gls,
+    "curriculum": curriculum,
+    "pos_rs": pos_rs,
+    "pos_rs_star": pos_rs_star,
+    "random": random_positions,
+    "weighted": weighted,
+}

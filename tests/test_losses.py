@@ -1,0 +1,460 @@
+"""Tests for losses.py: objectives against references, memory-lean paths against dense ones."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import losses as L  # noqa: E402
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _logits(*shape, seed=0, scale=2.0):
+    return torch.randn(*shape, generator=_gen(seed)) * scale
+
+
+# ----------------------------------------------------------------------------- per-position objectives
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_kl_matches_kl_div_and_is_zero_on_identical(T):
+    t, s = _logits(3, 5, 11, seed=1), _logits(3, 5, 11, seed=2)
+    ref = F.kl_div(torch.log_softmax(s / T, -1), torch.log_softmax(t / T, -1),
+                   reduction="none", log_target=True).sum(-1) * T * T
+    got = L.kl_per_position(t, s, temperature=T)
+    assert got.shape == (3, 5) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    assert (got > 1e-3).all()
+    assert L.kl_per_position(t, t.clone(), temperature=T).abs().max() < 1e-6
+
+
+def test_reverse_kl_is_kl_of_swapped_arguments():
+    t, s = _logits(4, 9, seed=3), _logits(4, 9, seed=4)
+    ref = F.kl_div(torch.log_softmax(t, -1), torch.log_softmax(s, -1),
+                   reduction="none", log_target=True).sum(-1)
+    torch.testing.assert_close(L.reverse_kl_per_position(t, s), ref, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(L.reverse_kl_per_position(t, s), L.kl_per_position(t, s))
+
+
+def test_registry_signature_and_ce():
+    t, s = _logits(6, 13, seed=5), _logits(6, 13, seed=6)
+    y = torch.randint(0, 13, (6,), generator=_gen(7))
+    for name, fn in L.PER_POSITION.items():
+        out = fn(t, s, y, temperature=1.5)
+        assert out.shape == (6,) and out.dtype == torch.float32, name
+    torch.testing.assert_close(L.PER_POSITION["ce"](None, s, y), F.cross_entropy(s, y, reduction="none"))
+    torch.testing.assert_close(L.PER_POSITION["kl"](t, s, y, 1.5), L.kl_per_position(t, s, 1.5))
+
+
+@pytest.mark.parametrize("T", [1.0, 3.0])
+def test_dkd_decomposition_identity(T):
+    # KL(p||q) = TCKD + (1 - p(y)) * NCKD (Zhao et al. 2022)
+    t, s = _logits(7, 17, seed=8), _logits(7, 17, seed=9)
+    y = torch.randint(0, 17, (7,), generator=_gen(10))
+    tckd, nckd = L.dkd_terms(t, s, y, temperature=T)
+    p_y = torch.softmax(t / T, -1).gather(-1, y[:, None]).squeeze(-1)
+    torch.testing.assert_close(tckd + (1 - p_y) * nckd, L.kl_per_position(t, s, T), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(L.dkd_loss(t, s, y, temperature=T), tckd + 8.0 * nckd)
+    torch.testing.assert_close(L.dkd_loss(t, s, y, alpha=0.5, beta=2.0, temperature=T), 0.5 * tckd + 2 * nckd)
+    assert (tckd >= -1e-6).all() and (nckd > 0).all()
+
+
+def _atkd_example():
+    # targets 0; row 0: p=[.5,.25,.25], q=[.25,.5,.25] (uncertain -> hard)
+    #            row 1: p=[.8,.1,.1],   q=[.8,.05,.15] (confident -> easy)
+    #            row 2: garbage, marked invalid
+    p = torch.tensor([[.5, .25, .25], [.8, .1, .1], [.01, .01, .98]])
+    q = torch.tensor([[.25, .5, .25], [.8, .05, .15], [.98, .01, .01]])
+    return p.log(), q.log(), torch.zeros(3, dtype=torch.long), torch.tensor([True, True, False])
+
+
+def test_atkd_hand_checked_example():
+    t, s, y, valid = _atkd_example()
+    tckd, nckd = L.dkd_terms(t, s, y)
+    # by hand: row 0 TCKD = .5 ln(.5/.25) + .5 ln(.5/.75) = .5 ln(4/3); NCKD: p^=[.5,.5], q^=[2/3,1/3]
+    #   -> .5 ln(3/4) + .5 ln(3/2) = .5 ln(9/8); row 1 TCKD = 0, NCKD: p^=[.5,.5], q^=[.25,.75] -> .5 ln(4/3)
+    exp_t = torch.tensor([.5 * math.log(4 / 3), 0.0])
+    exp_n = torch.tensor([.5 * math.log(9 / 8), .5 * math.log(4 / 3)])
+    torch.testing.assert_close(tckd[:2], exp_t, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(nckd[:2], exp_n, atol=1e-6, rtol=1e-5)
+    # 2 valid rows, hard_frac .5 -> row 0 hard (unc .5), row 1 easy (unc .2)
+    want = 0.2 * (.5 * math.log(4 / 3)) + 0.8 * (.5 * math.log(4 / 3) + .5 * math.log(9 / 8))
+    got = L.atkd_loss(t, s, y, valid, hard_frac=0.5, lam=0.2)
+    assert abs(got.item() - want) < 1e-6
+    # swapping lam weights the groups the other way round
+    want2 = 0.8 * (.5 * math.log(4 / 3)) + 0.2 * (.5 * math.log(4 / 3) + .5 * math.log(9 / 8))
+    assert abs(L.atkd_loss(t, s, y, valid, lam=0.8).item() - want2) < 1e-6
+    # the invalid row is ignored whatever it holds
+    t2 = t.clone()
+    t2[2] = torch.tensor([5.0, -3.0, 1.0])
+    assert abs(L.atkd_loss(t2, s, y, valid).item() - want) < 1e-6
+
+
+def test_atkd_group_means():
+    # 4 valid rows, 2 hard: each group is a mean over its own rows
+    t, s = _logits(4, 10, seed=11), _logits(4, 10, seed=12)
+    y = torch.randint(0, 10, (4,), generator=_gen(13))
+    unc = 1 - torch.softmax(t, -1).gather(-1, y[:, None]).squeeze(-1)
+    hard = torch.zeros(4, dtype=torch.bool)
+    hard[unc.argsort(descending=True)[:2]] = True
+    tckd, nckd = L.dkd_terms(t, s, y)
+    want = 0.3 * nckd[~hard].mean() + 0.7 * (tckd + nckd)[hard].mean()
+    got = L.atkd_loss(t, s, y, torch.ones(4, dtype=torch.bool), hard_frac=0.5, lam=0.3)
+    torch.testing.assert_close(got, want)
+
+
+# ----------------------------------------------------------------------------- RS-KD
+
+def test_sample_classes_contract():
+    t = _logits(5, 20, seed=14)
+    t[:, 7:] = float("-inf")  # only classes 0..6 possible
+    ids, probs = L.sample_classes(t, 12, generator=_gen(15))
+    assert ids.shape == probs.shape == (5, 12) and ids.dtype == torch.long and probs.dtype == torch.float32
+    torch.testing.assert_close(probs.sum(-1), torch.ones(5))
+    assert ((probs * 12) == (probs * 12).round()).all()  # counts / U
+    assert (ids[probs > 0] < 7).all()
+    assert (ids[probs == 0] == 0).all()
+    assert (probs == 0).any()  # 12 draws from 7 classes -> some padding
+    for r in range(5):
+        kept = ids[r][probs[r] > 0]
+        assert kept.unique().numel() == kept.numel()
+    # deterministic with a generator
+    ids2, probs2 = L.sample_classes(t, 12, generator=_gen(15))
+    assert torch.equal(ids, ids2) and torch.equal(probs, probs2)
+    with pytest.raises(ValueError):
+        L.sample_classes(torch.full((2, 4), float("-inf")), 3)
+
+
+def test_sample_classes_frequencies_match_p():
+    t = _logits(2, 6, seed=23, scale=1.0)
+    t[1, 2] = float("-inf")
+    ids, probs = L.sample_classes(t, 40000, generator=_gen(24), chunk_size=1)
+    freq = torch.zeros(2, 6).scatter_add_(1, ids, probs)  # padding adds 0 to class 0
+    torch.testing.assert_close(freq, torch.softmax(t, -1), atol=1e-2, rtol=0)
+    assert freq[1, 2] == 0
+
+
+def test_rs_kd_with_exact_full_support_equals_kl():
+    t, s = _logits(4, 9, seed=16), _logits(4, 9, seed=17)
+    ids = torch.arange(9).expand(4, 9)
+    p = torch.softmax(t, -1)
+    torch.testing.assert_close(L.rs_kd_loss(s, ids, p), L.kl_per_position(t, s), atol=1e-6, rtol=1e-5)
+    # padding (prob 0) entries contribute nothing, whatever their id
+    ids_pad = torch.cat([ids, torch.full((4, 3), 5)], 1)
+    p_pad = torch.cat([p, torch.zeros(4, 3)], 1)
+    torch.testing.assert_close(L.rs_kd_loss(s, ids_pad, p_pad), L.rs_kd_loss(s, ids, p))
+
+
+def test_rs_kd_gradient_is_unbiased():
+    V, U, S = 12, 4, 20000
+    t = _logits(1, V, seed=18)
+    z = _logits(V, seed=19).requires_grad_(True)
+    L.kl_per_position(t, z[None]).sum().backward()
+    g_full = z.grad.clone()
+    assert g_full.abs().max() > 0.05  # student != teacher, so the check is not vacuous
+    z.grad = None
+    ids, probs = L.sample_classes(t.expand(S, V), U, generator=_gen(20))
+    L.rs_kd_loss(z.expand(S, V), ids, probs).mean().backward()
+    # per-draw std of each component <= sqrt(.25/U) = .25 -> std of the mean < 2e-3
+    torch.testing.assert_close(z.grad, g_full, atol=1.5e-2, rtol=0)
+
+
+# ----------------------------------------------------------------------------- entropy
+
+def test_entropy_and_chunked_entropy_match_dense():
+    h = torch.randn(3, 11, 8, generator=_gen(21))
+    W = torch.randn(37, 8, generator=_gen(22))
+    logits = h @ W.T
+    dense = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+    torch.testing.assert_close(L.entropy_from_logits(logits), dense, atol=1e-5, rtol=1e-5)
+    for c in (1, 4, 7, 1000):
+        got = L.chunked_entropy(h, W, chunk_size=c)
+        assert got.shape == (3, 11) and got.dtype == torch.float32
+        torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
+    # uniform over V -> log V
+    assert abs(L.entropy_from_logits(torch.zeros(37)).item() - math.log(37)) < 1e-5
+
+
+# ----------------------------------------------------------------------------- head_loss
+
+def _rows(N=23, d=8, dt=5, V=31, seed=30, dtype=torch.float32):
+    g = _gen(seed)
+    h = torch.randn(N, d, generator=g).to(dtype).requires_grad_(True)
+    W = (torch.randn(V, d, generator=g) * 0.7).to(dtype).requires_grad_(True)
+    ht = torch.randn(N, dt, generator=g).to(dtype)
+    Wt = torch.randn(V, dt, generator=g).to(dtype)
+    y = torch.randint(0, V, (N,), generator=g)
+    w = torch.rand(N, generator=g) + 0.1
+    return h, W, ht, Wt, y, w
+
+
+def _dense_atkd(t, s, y, w, T, hard_frac=0.5, lam_at=0.2):
+    unc = 1 - torch.softmax(t, -1).gather(-1, y[:, None]).squeeze(-1)
+    hard = torch.zeros_like(unc, dtype=torch.bool)
+    hard[unc.argsort(descending=True)[:math.ceil(hard_frac * len(unc))]] = True
+    tckd, nckd = L.dkd_terms(t, s, y, T)
+    l_hard = (w * (tckd + nckd))[hard].sum() / w[hard].sum()
+    l_easy = (w * nckd)[~hard].sum() / w[~hard].sum()
+    return w.sum() * (lam_at * l_easy + (1 - lam_at) * l_hard)
+
+
+def _dense_head_loss(h, W, y, w, t_logits, loss, T, lam):
+    s = h @ W.T  # (N, V): the dense reference does build the full logits
+    if loss == "atkd":
+        kd_sum = _dense_atkd(t_logits, s, y, w, T)
+    else:
+        kd_sum = (w * L.PER_POSITION[loss](t_logits, s, y, T)).sum()
+    ce_sum = (w * F.cross_entropy(s, y, reduction="none")).sum()
+    return lam * kd_sum + (1 - lam) * ce_sum
+
+
+@pytest.mark.parametrize("loss,T,lam", [("kl", 1.0, 1.0), ("kl", 2.0, 0.6), ("reverse_kl", 1.5, 1.0),
+                                        ("dkd", 1.0, 0.5), ("atkd", 1.0, 1.0), ("atkd", 2.0, 0.7),
+                                        ("ce", 1.0, 1.0)])
+def test_head_loss_value_and_grad_parity(loss, T, lam):
+    h, W, ht, Wt, y, w = _rows()
+    got = L.head_loss(h, W, y, w, L.DenseTeacher(ht, Wt), loss=loss, temperature=T, lam=lam, chunk_size=5)
+    g_h, g_W = torch.autograd.grad(got, [h, W])
+    ref = _dense_head_loss(h, W, y, w, ht @ Wt.T, loss, T, lam)
+    r_h, r_W = torch.autograd.grad(ref, [h, W])
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_h, r_h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_W, r_W, atol=1e-5, rtol=1e-5)
+    assert g_W.abs().max() > 1e-3
+
+
+def test_head_loss_atkd_equals_atkd_loss_with_uniform_weights():
+    h, W, ht, Wt, y, _ = _rows(N=10)
+    w = torch.full((10,), 0.1)  # sum 1 -> same scale as atkd_loss
+    got = L.head_loss(h, W, y, w, L.DenseTeacher(ht, Wt), loss="atkd", chunk_size=3)
+    want = L.atkd_loss(ht @ Wt.T, h @ W.T, y, torch.ones(10, dtype=torch.bool))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_head_loss_sparse_teacher_parity():
+    h, W, ht, Wt, y, w = _rows()
+    ids, probs = L.sample_classes(ht @ Wt.T, 6, generator=_gen(31))
+    got = L.head_loss(h, W, y, w, L.SparseTeacher(ids, probs), lam=0.8, chunk_size=4)
+    g = torch.autograd.grad(got, [h, W])
+    s = h @ W.T
+    ref = (w * (0.8 * L.rs_kd_loss(s, ids, probs) + 0.2 * F.cross_entropy(s, y, reduction="none"))).sum()
+    r = torch.autograd.grad(ref, [h, W])
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g, r):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_head_loss_matches_dense_masked_loss_over_trunk():
+    # a tiny "trunk" so the gradient must flow through h[sel] back to its parameters
+    B, T, d_in, d, dt, V, lam = 3, 10, 6, 8, 5, 23, 0.75
+    g = _gen(40)
+    x = torch.randn(B, T, d_in, generator=g)
+    A = torch.randn(d_in, d, generator=g).requires_grad_(True)
+    W = torch.randn(V, d, generator=g).requires_grad_(True)
+    ht, Wt = torch.randn(B, T, dt, generator=g), torch.randn(V, dt, generator=g)
+    y = torch.randint(0, V, (B, T), generator=g)
+    weights = torch.rand(B, T, generator=g) * (torch.rand(B, T, generator=g) < 0.3)
+    weights[1] = 0  # a dropped sequence: it must not count in |I|
+    weights[0, 0] = 0.5
+    h = torch.tanh(x @ A)  # (B, T, d)
+    # dense masked reference: full (B, T, V) logits
+    s = h @ W.T
+    kd = L.kl_per_position(ht @ Wt.T, s)
+    ce = F.cross_entropy(s.reshape(-1, V), y.reshape(-1), reduction="none").reshape(B, T)
+    ref = L.selective_kd_loss(kd, weights, ce, lam=lam)
+    r_A, r_W = torch.autograd.grad(ref, [A, W])
+    # selective head on the selected rows only
+    h = torch.tanh(x @ A)
+    sel = weights > 0
+    wn = L.normalise_by_samples(weights)[sel]
+    got = L.head_loss(h[sel], W, y[sel], wn, L.DenseTeacher(ht[sel], Wt), lam=lam, chunk_size=3)
+    g_A, g_W = torch.autograd.grad(got, [A, W])
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_A, r_A, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_W, r_W, atol=1e-5, rtol=1e-5)
+
+
+def test_selective_kd_loss_hand_example():
+    kd = torch.tensor([[1.0, 2.0, float("nan")], [5.0, 5.0, 5.0], [3.0, 4.0, 6.0]])
+    ce = torch.tensor([[10.0, 20.0, 30.0], [1.0, 1.0, 1.0], [2.0, 2.0, float("inf")]])
+    w = torch.tensor([[1.0, 0.5, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    # |I| = 2 (row 1 has no weight); NaN/inf only at weight-0 positions
+    want = (1.0 * (.5 * 1 + .5 * 10) + .5 * (.5 * 2 + .5 * 20) + 1.0 * (.5 * 4 + .5 * 2)) / 2
+    assert abs(L.selective_kd_loss(kd, w, ce, lam=0.5).item() - want) < 1e-6
+    assert abs(L.selective_kd_loss(kd, w).item() - (1 + 1 + 4) / 2) < 1e-6
+
+
+def test_head_loss_no_grad_path_matches():
+    h, W, ht, Wt, y, w = _rows()
+    with_grad = L.head_loss(h, W, y, w, L.DenseTeacher(ht, Wt), loss="dkd", lam=0.5, chunk_size=6)
+    with torch.no_grad():
+        no_grad = L.head_loss(h, W, y, w, L.DenseTeacher(ht, Wt), loss="dkd", lam=0.5, chunk_size=6)
+    assert no_grad.grad_fn is None
+    torch.testing.assert_close(no_grad, with_grad.detach())
+
+
+# ----------------------------------------------------------------------------- memory
+
+B_, T_, D_, V_, C_ = 4, 30, 8, 101, 16  # N = 120 rows; D_ <= C_ so (V, d) < C_ x V elements
+
+
+def _mem_case(seed=50):
+    h, W, ht, Wt, y, w = _rows(N=B_ * T_, d=D_, dt=6, V=V_, seed=seed)
+    return h, W, L.DenseTeacher(ht, Wt), y, w
+
+
+@pytest.mark.parametrize("loss", ["kl", "atkd"])
+def test_head_loss_saved_tensors_are_chunk_sized(loss):
+    h, W, teacher, y, w = _mem_case()
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = L.head_loss(h, W, y, w, teacher, loss=loss, lam=0.5, chunk_size=C_)
+    out.backward()
+    assert shapes and all(math.prod(s) <= C_ * V_ for s in shapes), max(shapes, key=math.prod)
+    assert h.grad is not None and W.grad is not None
+    # the same probe does see the (N, V) tensors of the dense computation
+    shapes.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _dense_head_loss(h, W, y, w, teacher.hidden @ teacher.head.T, loss, 1.0, 0.5)
+    assert max(math.prod(s) for s in shapes) >= B_ * T_ * V_
+
+
+class _MaxNumel(TorchDispatchMode):
+    """Records the largest tensor any aten op produces (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel, self.shapes = 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+                self.shapes.add(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("teacher_kind", ["dense", "sparse"])
+def test_selective_path_never_builds_BTV(teacher_kind):
+    h, W, teacher, y, w = _mem_case(seed=51)
+    if teacher_kind == "sparse":
+        ids, probs = L.sample_classes(teacher.hidden @ teacher.head.T, 8, generator=_gen(52))
+        teacher = L.SparseTeacher(ids, probs)
+    rec = _MaxNumel()
+    with rec:
+        out = L.head_loss(h, W, y, w, teacher, loss="kl", lam=0.9, chunk_size=C_)
+        out.backward()
+        ent = L.chunked_entropy(h.detach().reshape(B_, T_, D_), W.detach(), chunk_size=C_)
+    assert ent.shape == (B_, T_)
+    assert rec.max_numel == C_ * V_, rec.max_numel  # it saw the chunk logits, nothing bigger
+    assert not any(s[-1:] == (V_,) and math.prod(s) > C_ * V_ for s in rec.shapes)
+    # sanity: the probe catches a dense (B*T, V) logits tensor
+    dense = _MaxNumel()
+    with dense:
+        _ = h @ W.T
+    assert dense.max_numel == B_ * T_ * V_
+
+
+# ----------------------------------------------------------------------------- edge cases
+
+def test_empty_selection():
+    W = torch.randn(11, 4, requires_grad=True)
+    h = torch.zeros(0, 4, requires_grad=True)
+    teacher = L.DenseTeacher(torch.zeros(0, 3), torch.randn(11, 3))
+    for loss in ("kl", "atkd", "dkd"):
+        out = L.head_loss(h, W, torch.zeros(0, dtype=torch.long), torch.zeros(0), teacher, loss=loss, lam=0.5)
+        assert out.item() == 0.0 and out.grad_fn is not None
+        out.backward()
+        assert torch.equal(W.grad, torch.zeros_like(W))
+        W.grad = None
+    sparse = L.SparseTeacher(torch.zeros(0, 5, dtype=torch.long), torch.zeros(0, 5))
+    out = L.head_loss(h, W, torch.zeros(0, dtype=torch.long), torch.zeros(0), sparse)
+    out.backward()
+    assert out.item() == 0.0 and torch.equal(W.grad, torch.zeros_like(W))
+    # empty rows for the plain functions and the dense path
+    e = torch.zeros(0, 7)
+    assert L.kl_per_position(e, e).shape == (0,)
+    assert L.atkd_loss(e, e, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool)).item() == 0
+    assert L.selective_kd_loss(torch.zeros(2, 3), torch.zeros(2, 3)).item() == 0
+    assert L.chunked_entropy(torch.zeros(0, 5, 4), W.detach(), 8).shape == (0, 5)
+    ids, probs = L.sample_classes(torch.zeros(0, 7), 3)
+    assert ids.shape == probs.shape == (0, 3)
+
+
+def test_no_nan_with_inf_logits():
+    t, s = _logits(6, 10, seed=60), _logits(6, 10, seed=61)
+    mask = torch.zeros(6, 10, dtype=torch.bool)
+    mask[:, 6:] = True  # a masked vocabulary, on both sides
+    mask[0, 1:] = True  # row 0: teacher and student certain of class 0
+    t, s = t.masked_fill(mask, float("-inf")), s.masked_fill(mask, float("-inf"))
+    s.requires_grad_(True)
+    y = torch.zeros(6, dtype=torch.long)
+    y[1:] = torch.randint(0, 6, (5,), generator=_gen(62))
+    outs = [L.kl_per_position(t, s), L.reverse_kl_per_position(t, s), L.dkd_loss(t, s, y),
+            L.entropy_from_logits(s), L.PER_POSITION["ce"](None, s, y),
+            L.atkd_loss(t, s, y, torch.ones(6, dtype=torch.bool))[None]]
+    for o in outs:
+        assert torch.isfinite(o).all()
+        (g,) = torch.autograd.grad(o.sum(), s)
+        assert not torch.isnan(g).any()
+    assert L.kl_per_position(t, s)[0].abs() < 1e-6  # identical one-hots
+    # finite part still matches the reference on the unmasked classes
+    ref = L.kl_per_position(t[1:, :6], s[1:, :6])
+    torch.testing.assert_close(L.kl_per_position(t, s)[1:], ref)
+    ids, probs = L.sample_classes(t, 5, generator=_gen(63))
+    assert (ids[probs > 0] < 6).all() and torch.isfinite(L.rs_kd_loss(s, ids, probs)).all()
+
+
+def test_bf16_inputs():
+    t, s = _logits(5, 12, seed=70).bfloat16(), _logits(5, 12, seed=71).bfloat16()
+    y = torch.randint(0, 12, (5,), generator=_gen(72))
+    for name, fn in L.PER_POSITION.items():
+        got = fn(t, s, y, 2.0)
+        assert got.dtype == torch.float32, name
+        torch.testing.assert_close(got, fn(t.float(), s.float(), y, 2.0), atol=1e-6, rtol=1e-5)
+    h, W, ht, Wt, y, w = _rows(dtype=torch.bfloat16)
+    out = L.head_loss(h, W, y, w, L.DenseTeacher(ht, Wt), loss="dkd", lam=0.5, chunk_size=4)
+    out.backward()
+    assert out.dtype == torch.float32 and torch.isfinite(out)
+    assert h.grad.dtype == W.grad.dtype == torch.bfloat16
+    assert torch.isfinite(h.grad.float()).all() and torch.isfinite(W.grad.float()).all()
+    h32, W32 = h.detach().float().requires_grad_(True), W.detach().float().requires_grad_(True)
+    ref = _dense_head_loss(h32, W32, y, w, ht.float() @ Wt.float().T, "dkd", 1.0, 0.5)
+    ref.backward()
+    torch.testing.assert_close(out, ref.detach(), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(W.grad.float(), W32.grad, atol=0.05, rtol=0.05)
+    ent = L.chunked_entropy(h.detach()[None], W.detach(), 4)
+    assert ent.dtype == torch.float32 and torch.isfinite(ent).all()
+
+
+def test_bad_inputs_raise_clear_errors():
+    h, W, ht, Wt, y, w = _rows(N=6)
+    dense, sparse = L.DenseTeacher(ht, Wt), L.SparseTeacher(*L.sample_classes(ht @ Wt.T, 4))
+    with pytest.raises(ValueError, match="--loss"):
+        L.head_loss(h, W, y, w, sparse, loss="dkd")
+    with pytest.raises(ValueError, match="--loss"):
+        L.head_loss(h, W, y, w, dense, loss="mse")
+    with pytest.raises(ValueError, match="teacher"):
+        L.head_loss(h, W, y, w, None)
+    with pytest.raises(ValueError, match="targets"):
+        L.head_loss(h, W, torch.full((6,), 999), w, dense)
+    with pytest.raises(ValueError, match="DenseTeacher"):
+        L.head_loss(h, W, y, w, L.DenseTeacher(ht, Wt[:-1]))
+    with pytest.raises(ValueError, match="--lam"):
+        L.head_loss(h, W, y, w, dense, lam=1.5)
+    # lam = 0 (pure CE) needs no teacher
+    out = L.head_loss(h, W, y, w, None, lam=0.0)
+    torch.testing.assert_close(out, (w * F.cross_entropy(h @ W.T, y, reduction="none")).sum())
