@@ -68,6 +68,10 @@ def load_model(spec, device="cpu", dtype=torch.float32):
     kw = {"gguf_file": gguf} if gguf else {}
     tok = load_tokenizer(spec)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    if gguf:  # transformers dequantized the GGUF into dense weights: drop the quantizer, so the
+        model.hf_quantizer = None  # model (and students made from it) can be saved and fine-tuned
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     model.to(device)
     model.eval()
     return model, tok

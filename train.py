@@ -302,7 +302,7 @@ def main(argv=None):
     sup_frac_samples = 1.0
     if args.sample_metric != "none":
         t0 = time.time()
-        cfg = dict(metric=args.sample_metric, l=args.l, data=train.fingerprint, seed=args.seed,
+        cfg = dict(metric=args.sample_metric, l=args.l, data_fingerprint=train.fingerprint, seed=args.seed,
                    student=args.student or f"{args.teacher}:{keep}", teacher=args.teacher)
         sel_path = os.path.join(args.cache_dir or os.path.join(args.out_dir, ".."), "selections",
                                 hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16] + ".json")
@@ -438,7 +438,7 @@ def main(argv=None):
             chunk = args.entropy_chunk if args.selective_head else x.numel()
             metric = args.pos_metric
             scores = selection.chunked_scores(metric, hs.detach(), Ws.detach(), y, ht, Wt, chunk, g) \
-                if selection.needs_scores(args.policy, args.k, args.loss) else None
+                if selection.needs_scores(args.policy, args.k, args.loss) else torch.zeros(y.shape, device=y.device)
             policy = "weighted" if args.loss == "weighted" else args.policy
             w = selection.POLICIES[policy](scores, valid, args.k, generator=g, state=gls, temperature=args.pos_rs_temp,
                                            progress=min(step / max(curriculum_steps - 1, 1), 1.0))  # (B, T)
@@ -461,8 +461,8 @@ def main(argv=None):
                 hs[sel].detach(), Ws.detach(), y[sel], rows_w, teacher, loss=loss_name,
                 temperature=args.temperature, lam=1.0, chunk_size=chunk)
             (loss / args.grad_accum).backward()
-            tot_loss += float(loss) / args.grad_accum
-            tot_kd += float(kd) / args.grad_accum
+            tot_loss += float(loss.detach()) / args.grad_accum
+            tot_kd += float(kd.detach()) / args.grad_accum
             n_sel += int((w > 0).sum())
             n_valid += int(valid.sum())
             tokens_seen += x.numel() * world

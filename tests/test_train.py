@@ -1,0 +1,131 @@
+"""train.py end to end on tiny models: every method is a flag combination that runs, plus resume,
+DDP, cache reuse and clear errors for bad flags."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import selection
+import train
+from conftest import ROOT, train_args
+
+
+def run_inproc(tiny_dir, out, *extra):
+    train.main(train_args(tiny_dir, out, *extra))
+    return json.load(open(os.path.join(out, "summary.json")))
+
+
+def run_sub(tiny_dir, out, *extra, env=None, n_proc=None):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")]
+    if n_proc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n_proc),
+               "--master_port", "29517", os.path.join(ROOT, "train.py")]
+    return subprocess.run(cmd + train_args(tiny_dir, out, *extra), capture_output=True, text=True,
+                          env=dict(os.environ, **(env or {})), cwd=ROOT, timeout=300)
+
+
+def metrics(out):
+    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_loss_falls_on_a_repeated_batch(tiny_dir, tmp_path):
+    # 4 sequences = one batch, seen 25 times: the KD loss must fall a lot
+    s = run_inproc(tiny_dir, tmp_path, "--tokens", "128", "--max-steps", "25", "--warmup", "0")
+    m = metrics(tmp_path)
+    assert m[-1]["kd"] < 0.5 * m[0]["kd"]
+    assert s["steps"] == 25 and s["tokens_seen"] == 25 * 4 * 32
+    for key in ("wall_time_s", "peak_mem_bytes", "student_before", "student_after", "val_loss", "val_ppl",
+                "val_kl_to_teacher", "teacher_val_loss"):
+        assert key in s
+    cfg = json.load(open(tmp_path / "config.json"))
+    assert cfg["k"] == 1.0 and "git_hash" in cfg
+
+
+def test_default_se_kd_selects_20_percent(tiny_dir, tmp_path):
+    s = run_inproc(tiny_dir, tmp_path, "--k", "0.2", "--max-steps", "3")
+    assert 0.2 <= s["sup_frac_positions"] < 0.26  # ceil(0.2 * n_b) per sequence
+    assert all(0.2 <= r["sel"] < 0.26 for r in metrics(tmp_path))
+
+
+@pytest.mark.parametrize("metric", sorted(selection.METRICS))
+def test_every_metric_runs(tiny_dir, tmp_path, metric):
+    s = run_inproc(tiny_dir, tmp_path, "--pos-metric", metric, "--k", "0.2", "--max-steps", "2")
+    assert s["steps"] == 2 and s["student_after"]["loss"] == s["student_after"]["loss"]  # not NaN
+
+
+@pytest.mark.parametrize("policy", sorted(selection.POLICIES))
+def test_every_policy_runs(tiny_dir, tmp_path, policy):
+    s = run_inproc(tiny_dir, tmp_path, "--policy", policy, "--k", "0.3", "--max-steps", "3")
+    assert 0 < s["sup_frac_positions"] <= 1.0
+
+
+@pytest.mark.parametrize("extra", [["--loss", "weighted"], ["--loss", "atkd"], ["--loss", "dkd"],
+                                   ["--loss", "reverse_kl"], ["--lam", "0.5"], ["--temperature", "2.0"],
+                                   ["--rs-u", "8"], ["--no-selective-head", "--k", "0.2"],
+                                   ["--sample-metric", "student_entropy", "--l", "0.5"],
+                                   ["--sample-metric", "kl", "--l", "0.5"], ["--on-policy", "--gen-prompt-len", "8",
+                                                                             "--gen-tokens", "8"]])
+def test_methods_run(tiny_dir, tmp_path, extra):
+    s = run_inproc(tiny_dir, tmp_path, "--max-steps", "2", *extra)
+    assert s["steps"] == 2 and torch.isfinite(torch.tensor(s["student_after"]["loss"]))
+    if "--l" in extra:
+        assert s["sup_frac_samples"] == 0.5
+
+
+def test_selective_head_equals_dense_flow(tiny_dir, tmp_path):
+    a = run_inproc(tiny_dir, tmp_path / "a", "--k", "0.2", "--max-steps", "3")
+    b = run_inproc(tiny_dir, tmp_path / "b", "--k", "0.2", "--max-steps", "3", "--no-selective-head")
+    la, lb = [r["loss"] for r in metrics(tmp_path / "a")], [r["loss"] for r in metrics(tmp_path / "b")]
+    assert la == pytest.approx(lb, rel=1e-4)
+    assert a["student_after"]["loss"] == pytest.approx(b["student_after"]["loss"], rel=1e-4)
+
+
+def test_gsm8k_task(tiny_dir, tmp_path):
+    p = tmp_path / "gsm.jsonl"
+    p.write_text("\n".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i}"})
+                           for i in range(60)))
+    s = run_inproc(tiny_dir, tmp_path / "o", "--task", "gsm8k", "--task-data", str(p), "--seq-len", "64",
+                   "--max-steps", "2", "--k", "0.5")
+    assert s["steps"] == 2
+
+
+def test_resume_after_kill_equals_uninterrupted(tiny_dir, tmp_path):
+    flags = ["--k", "0.3", "--policy", "gls", "--max-steps", "6", "--ckpt-every", "1", "--save-model"]
+    r = run_sub(tiny_dir, tmp_path / "full", *flags)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_sub(tiny_dir, tmp_path / "cut", *flags, env={"NANO_SEKD_CRASH_AT": "4"})
+    assert r.returncode == 17 and not (tmp_path / "cut" / "summary.json").exists()
+    r = run_sub(tiny_dir, tmp_path / "cut", *flags, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout
+    a = load_file(tmp_path / "full" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["loss"] for m in metrics(tmp_path / "full")] == [m["loss"] for m in metrics(tmp_path / "cut")]
+
+
+def test_ddp_two_processes_match_single(tiny_dir, tmp_path):
+    flags = ["--k", "0.2", "--max-steps", "3", "--save-model", "--tokens", "2048"]
+    r = run_sub(tiny_dir, tmp_path / "ddp", *flags, "--batch-size", "2", n_proc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_sub(tiny_dir, tmp_path / "one", *flags, "--batch-size", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = load_file(tmp_path / "ddp" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+@pytest.mark.parametrize("bad,msg", [(["--k", "0"], "--k must be in"), (["--k", "1.5"], "--k must be in"),
+                                     (["--l", "2"], "--l must be in"), (["--seq-len", "1"], "--seq-len"),
+                                     (["--on-policy", "--rs-u", "64"], "--on-policy cannot"),
+                                     (["--pos-metric", "kl", "--cache-dir", "x"], "needs teacher logits"),
+                                     (["--l", "0.5"], "--l < 1 needs --sample-metric"),
+                                     (["--policy", "nope"], "invalid choice")])
+def test_bad_flags_are_clear(tiny_dir, tmp_path, capsys, bad, msg):
+    with pytest.raises(SystemExit):
+        train.parse_args(train_args(tiny_dir, tmp_path, *bad))
+    assert msg in capsys.readouterr().err
