@@ -575,3 +575,14 @@ PER_POSITION = {
     "dkd": _dkd,                # alpha=1 * TCKD + beta=8 * NCKD
     "ce": _ce,                  # -log q(y), ignores the teacher
 }
+
+# `--loss NAME` -> what train.py does: `head` is the head_loss objective on the selected rows;
+# `policy` (optional) overrides --policy, e.g. Weighted KD = forward KL with weights proportional to
+# the position metric (selection.POLICIES['weighted'], Table 1). A new loss is one line here.
+LOSSES = {
+    "kl": {"head": "kl"},                                # Full / selective KD, forward KL(p || q)
+    "weighted": {"head": "kl", "policy": "weighted"},    # Weighted KD
+    "atkd": {"head": "atkd"},                            # AT-KD (Zhong et al. 2024)
+    "dkd": {"head": "dkd"},                              # Decoupled KD (Zhao et al. 2022)
+    "reverse_kl": {"head": "reverse_kl"},                # on-policy distillation (Table 5)
+}

@@ -273,12 +273,9 @@ def needs_teacher(metric):
 SCORE_FREE_POLICIES = {"random"}  # policies whose weights never read the scores
 
 
-def needs_scores(policy, k, loss="kl"):
+def needs_scores(policy, k):
     """Whether a step must score positions at all. Not for `random`, nor for top_k at k = 1 (it takes
-    every valid position): Full KD pays for no scoring pass, as in the paper's Full KD baseline.
-    The Weighted KD loss always needs them (its weights are the scores)."""
-    if loss == "weighted":
-        return True
+    every valid position): Full KD pays for no scoring pass, as in the paper's Full KD baseline."""
     return not (policy in SCORE_FREE_POLICIES or (policy == "top_k" and k >= 1.0))
 
 

@@ -38,7 +38,6 @@ PRESETS = {  # explicit flags override these
                   lr=1e-5, temperature=1.0, lam=1.0),
 }
 SAMPLE_METRICS = ["none", "student_entropy", "ce_ratio", "kl", "random"]
-LOSS_NAMES = ["kl", "weighted", "atkd", "dkd", "reverse_kl"]
 
 
 def get_parser():
@@ -67,7 +66,7 @@ def get_parser():
     g.add_argument("--curriculum-steps", type=int, help="curriculum: steps from easiest to hardest (default: all)")
     g.add_argument("--pos-rs-temp", type=float, default=1.0, help="Pos RS-KD: temperature flattening q(t)")
     g = p.add_argument_group("alignment, classes, samples")
-    g.add_argument("--loss", choices=LOSS_NAMES, help="kl (default; reverse_kl with --on-policy), weighted = Weighted KD")
+    g.add_argument("--loss", choices=losses.LOSSES, help="kl (default; reverse_kl with --on-policy), weighted = Weighted KD")
     g.add_argument("--temperature", type=float, default=1.0, help="distillation temperature T")
     g.add_argument("--lam", type=float, default=1.0, help="weight of KD vs CE (1.0 = pure KD)")
     g.add_argument("--rs-u", type=int, default=0, help="RS-KD: sampled teacher classes per position (0 = off; paper 64)")
@@ -134,7 +133,7 @@ def parse_args(argv=None):
               (not (args.on_policy and args.sample_metric != "none"), "--on-policy with --sample-metric is not supported"),
               (not (args.cache_dir and selection.needs_teacher(args.pos_metric)),
                f"--pos-metric {args.pos_metric} needs teacher logits, which --cache-dir replaces; use a student metric"),
-              (not (args.rs_u and args.loss != "kl"), f"--rs-u trains on sampled classes with --loss kl, not {args.loss}")]
+              (not (args.rs_u and losses.LOSSES[args.loss]["head"] != "kl"), f"--rs-u trains on sampled classes with --loss kl, not {args.loss}")]
     for ok, msg in checks:
         if not ok:
             p.error(msg)
@@ -398,6 +397,8 @@ def main(argv=None):
         atomic_json(os.path.join(args.out_dir, "config.json"), dict(vars(args), git_hash=git_hash(), argv=argv,
                                                                    student_layers_kept=keep, world_size=world))
     curriculum_steps = args.curriculum_steps or max_steps
+    policy = losses.LOSSES[args.loss].get("policy", args.policy)  # Weighted KD brings its own weights
+    head_name = losses.LOSSES[args.loss]["head"]
     Ws = models.head_weight(student, V)
 
     def batch_indices(step, micro):
@@ -438,8 +439,7 @@ def main(argv=None):
             chunk = args.entropy_chunk if args.selective_head else x.numel()
             metric = args.pos_metric
             scores = selection.chunked_scores(metric, hs.detach(), Ws.detach(), y, ht, Wt, chunk, g) \
-                if selection.needs_scores(args.policy, args.k, args.loss) else torch.zeros(y.shape, device=y.device)
-            policy = "weighted" if args.loss == "weighted" else args.policy
+                if selection.needs_scores(policy, args.k) else torch.zeros(y.shape, device=y.device)
             w = selection.POLICIES[policy](scores, valid, args.k, generator=g, state=gls, temperature=args.pos_rs_temp,
                                            progress=min(step / max(curriculum_steps - 1, 1), 1.0))  # (B, T)
             sel = w > 0 if args.selective_head else valid  # rows that reach the LM head
@@ -453,12 +453,11 @@ def main(argv=None):
                 teacher = losses.SparseTeacher(ids, probs)
             else:
                 teacher = losses.DenseTeacher(ht[sel], Wt)
-            loss_name = "kl" if args.loss == "weighted" else args.loss
             # lam * KD + (1 - lam) * CE on the selected rows (Eq. 1/3); lam = 1 is the paper's pure KD
-            loss = losses.head_loss(hs[sel], Ws, y[sel], rows_w, teacher, loss=loss_name,
+            loss = losses.head_loss(hs[sel], Ws, y[sel], rows_w, teacher, loss=head_name,
                                     temperature=args.temperature, lam=args.lam, chunk_size=chunk)
             kd = loss if args.lam == 1.0 else losses.head_loss(
-                hs[sel].detach(), Ws.detach(), y[sel], rows_w, teacher, loss=loss_name,
+                hs[sel].detach(), Ws.detach(), y[sel], rows_w, teacher, loss=head_name,
                 temperature=args.temperature, lam=1.0, chunk_size=chunk)
             (loss / args.grad_accum).backward()
             tot_loss += float(loss.detach()) / args.grad_accum

@@ -556,7 +556,7 @@ def test_needs_scores():
     assert not selection.needs_scores("top_k", 1.0)
     assert selection.needs_scores("top_k", 0.2)
     assert not selection.needs_scores("random", 0.2)
-    assert selection.needs_scores("top_k", 1.0, loss="weighted")
+    assert selection.needs_scores("weighted", 1.0) and selection.needs_scores("gls", 1.0)
     # when no scores are needed, all-zero scores give the same weights as any scores would
     valid = torch.rand(3, 10) > 0.2
     w0 = selection.POLICIES["top_k"](torch.zeros(3, 10), valid, 1.0)
