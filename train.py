@@ -284,9 +284,10 @@ def main(argv=None):
             teacher = get_teacher()
             keep = models.parse_layers(args.student_layers, teacher.config.num_hidden_layers)
             student = models.student_from_teacher(teacher, keep).to(s_dev)
-            if init_dir and master:
+            if init_dir and master and not os.path.exists(init_dir):  # later runs start from it, teacher-free
                 student.save_pretrained(init_dir + ".tmp")
-                os.replace(init_dir + ".tmp", init_dir) if not os.path.exists(init_dir) else None
+                tok.save_pretrained(init_dir + ".tmp")
+                os.replace(init_dir + ".tmp", init_dir)
         V = len(tok)
     student.requires_grad_(True).train()
     if state["teacher"] is not None:
@@ -328,7 +329,7 @@ def main(argv=None):
         log(f"sample selection: kept {len(kept)}/{len(kept) / sup_frac_samples:.0f} sequences by {args.sample_metric}")
 
     # ---- offline teacher cache (RS-KD classes): the teacher runs once, over the kept samples
-    tcache, held_cache = None, None
+    tcache, held_cache, teacher_cached = None, None, {}
     if args.cache_dir:
         t0 = time.time()
         held_cache = None
@@ -348,6 +349,11 @@ def main(argv=None):
                     dist.barrier()
             c = cache.open_cache(d, dict(meta, U=args.rs_u, temperature=args.temperature))
             tcache, held_cache = (c, held_cache) if split == "train" else (tcache, c)
+        ref_path = os.path.join(d, "teacher_heldout.json")  # d: the held-out split's cache
+        if not os.path.exists(ref_path) and master:  # the teacher's own held-out numbers, kept with the cache
+            atomic_json(ref_path, models.heldout_metrics(get_teacher(), held.batches(args.batch_size), None, V,
+                                                         args.entropy_chunk))
+        teacher_cached = json.load(open(ref_path)) if os.path.exists(ref_path) else {}
         timing["cache_s"] = time.time() - t0
 
     # ---- held-out evaluation (student before / after, teacher once)
@@ -496,6 +502,7 @@ def main(argv=None):
     # ---- final evaluation and summary
     after = heldout()
     teacher_ref = {k[len("teacher_"):]: v for k, v in after.items() if k.startswith("teacher_")}
+    teacher_ref = teacher_ref or {k: teacher_cached[k] for k in ("loss", "ppl", "ece") if k in teacher_cached}
     if "loss" in teacher_ref:
         teacher_ref["ppl"] = math.exp(min(teacher_ref["loss"], 50.0))
     if master:

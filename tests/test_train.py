@@ -129,3 +129,18 @@ def test_bad_flags_are_clear(tiny_dir, tmp_path, capsys, bad, msg):
     with pytest.raises(SystemExit):
         train.parse_args(train_args(tiny_dir, tmp_path, *bad))
     assert msg in capsys.readouterr().err
+
+
+def test_cache_is_built_once_then_reused_without_teacher(tiny_dir, tmp_path):
+    flags = ["--k", "0.2", "--max-steps", "3", "--cache-dir", str(tmp_path / "cache"), "--rs-u", "16"]
+    a = run_inproc(tiny_dir, tmp_path / "a", *flags)
+    assert a["teacher_loaded"] and a["cache_bytes"] > 0
+    b = run_inproc(tiny_dir, tmp_path / "b", *flags)
+    assert not b["teacher_loaded"]  # the reused cache replaces the teacher entirely
+    assert 0.2 <= b["sup_frac_positions"] < 0.26  # selection still runs (student entropy) with the cache
+    assert [r["loss"] for r in metrics(tmp_path / "a")] == pytest.approx([r["loss"] for r in metrics(tmp_path / "b")])
+    # SE-KD_3X: positions x classes x samples, with its own (sample-selected) cache
+    c = run_inproc(tiny_dir, tmp_path / "c", *flags, "--sample-metric", "student_entropy", "--l", "0.5")
+    assert c["sup_frac_samples"] == 0.5 and c["teacher_loaded"]
+    d = run_inproc(tiny_dir, tmp_path / "d", *flags, "--sample-metric", "student_entropy", "--l", "0.5")
+    assert not d["teacher_loaded"] and d["wall_time_split"]["cache_s"] < c["wall_time_split"]["cache_s"] + 5
