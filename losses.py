@@ -470,8 +470,8 @@ def head_loss(student_hidden, student_head, targets, weights, teacher, loss="kl"
     (see _FusedHead). Returns an fp32 scalar; with N = 0 it is a 0 still connected to
     student_head/student_hidden, so backward() works and gives zero grads.
     """
-    if loss not in HEAD_LOSSES:
-        raise ValueError(f"--loss must be one of {HEAD_LOSSES}, got {loss!r}")
+    if loss not in HEAD_LOSSES and loss not in PER_POSITION:  # a new PER_POSITION entry works as is
+        raise ValueError(f"--loss must be one of {sorted(set(HEAD_LOSSES) | set(PER_POSITION))}, got {loss!r}")
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"--lam must be in [0, 1], got {lam}")
     if chunk_size < 1:

@@ -251,12 +251,11 @@ def random_metric(student_logits, teacher_logits, targets, generator=None):
     return _rand(targets.shape, targets.device, generator)
 
 
-# metrics that read the teacher's logits (train.py refuses them when only a sparse cache exists)
-_TEACHER_METRICS = {"teacher_entropy", "teacher_ce", "kl", "reverse_kl", "kl_student_entropy",
+# Which logits a metric reads. A new metric reads the student only, unless its name is added to
+# TEACHER_METRICS (then it gets teacher logits too; train.py refuses it when only a cache exists).
+TEACHER_METRICS = {"teacher_entropy", "teacher_ce", "kl", "reverse_kl", "kl_student_entropy",
                     "ce_ratio", "ce_ratio_student_entropy"}
-# metrics that read the student's logits
-_STUDENT_METRICS = {"student_entropy", "student_ce", "kl", "reverse_kl", "kl_student_entropy",
-                    "ce_ratio", "ce_ratio_student_entropy"}
+STUDENT_FREE_METRICS = {"teacher_entropy", "teacher_ce", "random"}  # never read the student
 
 
 def _check_metric(metric):
@@ -267,7 +266,7 @@ def _check_metric(metric):
 def needs_teacher(metric):
     """True if METRICS[metric] reads teacher logits (all but student-only metrics and random)."""
     _check_metric(metric)
-    return metric in _TEACHER_METRICS
+    return metric in TEACHER_METRICS
 
 
 SCORE_FREE_POLICIES = {"random"}  # policies whose weights never read the scores
@@ -512,8 +511,8 @@ def chunked_scores(metric, student_hidden, student_head, targets, teacher_hidden
             raise ValueError(f"{who}_head must be (V, {hidden.shape[2]}), got {tuple(head.shape)}")
         return hidden.reshape(B * T, -1)
 
-    hs = rows(student_hidden, student_head, "student") if metric in _STUDENT_METRICS else None
-    ht = rows(teacher_hidden, teacher_head, "teacher") if metric in _TEACHER_METRICS else None
+    hs = rows(student_hidden, student_head, "student") if metric not in STUDENT_FREE_METRICS else None
+    ht = rows(teacher_hidden, teacher_head, "teacher") if metric in TEACHER_METRICS else None
     y = targets.reshape(-1)
     out = torch.empty(B * T, dtype=torch.float32, device=targets.device)
     with torch.no_grad():
