@@ -212,10 +212,9 @@ def run_matrix(args, argv):
             if os.path.exists(os.path.join(out, "summary.json")):
                 print(f"[matrix] {name} seed {seed}: done, skipping")
                 continue
-            cmd = [sys.executable, os.path.abspath(__file__)] + base + flags + [
-                "--seed", str(seed), "--out-dir", out, "--run-name", name, "--resume"]
-            print(f"[matrix] {name} seed {seed}: {' '.join(cmd[2:])}", flush=True)
-            subprocess.run(cmd, check=True)
+            run_argv = base + flags + ["--seed", str(seed), "--out-dir", out, "--run-name", name, "--resume"]
+            print(f"[matrix] {name} seed {seed}: python train.py {' '.join(run_argv)}", flush=True)
+            main(run_argv)  # in-process: no second torch import; a killed matrix resumes where it was
     eval_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval.py")
     subprocess.run([sys.executable, eval_py, "--compare", *dirs, "--compare-out",
                     os.path.join(args.out_dir, f"{args.matrix}.md")], check=True)

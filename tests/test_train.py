@@ -144,3 +144,16 @@ def test_cache_is_built_once_then_reused_without_teacher(tiny_dir, tmp_path):
     assert c["sup_frac_samples"] == 0.5 and c["teacher_loaded"]
     d = run_inproc(tiny_dir, tmp_path / "d", *flags, "--sample-metric", "student_entropy", "--l", "0.5")
     assert not d["teacher_loaded"] and d["wall_time_split"]["cache_s"] < c["wall_time_split"]["cache_s"] + 5
+
+
+def test_matrix_runs_each_config_then_skips_finished(tiny_dir, tmp_path):
+    flags = ["--matrix", "table3", "--seeds", "0,1", "--max-steps", "1", "--tokens", "256"]
+    r = run_sub(tiny_dir, tmp_path / "m", *flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = (tmp_path / "m" / "table3.md").read_text()
+    for name, _ in train.MATRICES["table3"]:
+        assert name in table
+        for seed in (0, 1):
+            assert (tmp_path / "m" / name / f"seed{seed}" / "summary.json").exists()
+    r = run_sub(tiny_dir, tmp_path / "m", *flags)
+    assert r.returncode == 0 and r.stdout.count("done, skipping") == 2 * len(train.MATRICES["table3"])
