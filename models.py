@@ -188,12 +188,14 @@ def expected_calibration_error(confidence, correct, n_bins=15):
 
 @torch.no_grad()
 def heldout_metrics(student, batches, teacher=None, vocab_size=None, chunk_size=1024, device=None,
-                    teacher_device=None):
+                    teacher_device=None, teacher_memo=None):
     """Token-level held-out metrics of the student on (input_ids, targets, valid) batches.
 
     Returns loss (mean CE over valid positions), ppl = exp(loss), ece (15 bins over the top-1
     confidence), and with a teacher: kl_to_teacher = mean KL(p || q), top1_agree, teacher_loss.
-    Logits are built `chunk_size` rows at a time, in fp32.
+    Logits are built `chunk_size` rows at a time, in fp32. `teacher_memo` (a dict, optional) keeps the
+    teacher's hidden states of each batch (N x d floats, small), so a second evaluation of the same
+    batches (student after training) does not run the teacher's trunk again.
     """
     device = device or next(student.parameters()).device
     teacher_device = teacher_device or (next(teacher.parameters()).device if teacher else None)
@@ -201,10 +203,13 @@ def heldout_metrics(student, batches, teacher=None, vocab_size=None, chunk_size=
     Wt = head_weight(teacher, vocab_size) if teacher is not None else None
     tot = {"ce": 0.0, "kl": 0.0, "agree": 0.0, "tce": 0.0, "n": 0}
     confs, corrs = [], []
-    for input_ids, targets, valid in batches:
+    memo = {} if teacher_memo is None else teacher_memo
+    for bi, (input_ids, targets, valid) in enumerate(batches):
         hs = trunk(student, input_ids.to(device))[valid.to(device)]  # (N, d)
         y = targets.to(device)[valid.to(device)]  # (N,)
-        ht = trunk(teacher, input_ids.to(teacher_device))[valid.to(teacher_device)] if teacher else None
+        if teacher is not None and bi not in memo:
+            memo[bi] = trunk(teacher, input_ids.to(teacher_device))[valid.to(teacher_device)]
+        ht = memo.get(bi) if teacher is not None else None
         for i in range(0, hs.shape[0], chunk_size):
             ls = F.log_softmax((hs[i:i + chunk_size] @ Ws.T).float(), -1)  # (n, V)
             yc = y[i:i + chunk_size]

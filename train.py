@@ -356,6 +356,8 @@ def main(argv=None):
         timing["cache_s"] = time.time() - t0
 
     # ---- held-out evaluation (student before / after, teacher once)
+    teacher_memo = {}  # the teacher's held-out hidden states: its trunk runs once for both evaluations
+
     def heldout():
         t0 = time.time()
         student.eval()
@@ -363,7 +365,8 @@ def main(argv=None):
             out = models.heldout_metrics_sparse(student, held.batches(args.batch_size), held_cache,
                                                 held.sample_ids, V, args.entropy_chunk)
         else:
-            out = models.heldout_metrics(student, held.batches(args.batch_size), get_teacher(), V, args.entropy_chunk)
+            out = models.heldout_metrics(student, held.batches(args.batch_size), get_teacher(), V, args.entropy_chunk,
+                                         teacher_memo=teacher_memo)
         student.train()
         timing["eval_s"] += time.time() - t0
         return out
