@@ -230,19 +230,29 @@ def estimate_storage(tokens, vocab, u, l):
 
 # ----------------------------------------------------------------------------- small file helpers
 
-def _atomic_write(path, data):
+def atomic_write(path, data):
+    """Write str or bytes to `path` atomically: a temp file in the same directory, fsync, then
+    os.replace, so a reader sees the old file or the whole new one, never a half-written file.
+    The project's other writers (train.py, eval.py, ifeval.py) use this too."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
     d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp." + os.path.basename(path) + ".", dir=d)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are for sharing
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+_atomic_write = atomic_write
 
 
 def _write_json(path, obj):

@@ -98,6 +98,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cache
+
 from models import expected_calibration_error, head_weight, heldout_metrics, load_model, trunk
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -108,17 +110,7 @@ SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
 # files (every write is atomic: a temp file in the same directory, then os.replace)
 
 def write_text(path, text):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    cache.atomic_write(path, text)
 
 
 def write_json(path, obj):

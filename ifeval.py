@@ -64,7 +64,6 @@ import json
 import os
 import re
 import string
-import tempfile
 
 # ----------------------------------------------------------------------------
 # Words: the official count_words is nltk.RegexpTokenizer(r"\w+"), i.e. findall.
@@ -756,18 +755,8 @@ def load_responses(path: str) -> dict:
 
 
 def _atomic_write_jsonl(path: str, rows: list[dict]) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    import cache  # the project's one atomic writer (temp file + os.replace)
+    cache.atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def write_results(out_dir: str, strict_rows: list, loose_rows: list) -> tuple[str, str]:

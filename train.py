@@ -146,14 +146,11 @@ def parse_args(argv=None):
 # small utilities
 
 def atomic_json(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+    cache.atomic_write(path, json.dumps(obj, indent=2, default=str))
 
 
 def atomic_save(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp{os.getpid()}"  # torch.save needs a path; os.replace makes it atomic
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
@@ -516,10 +513,7 @@ def main(argv=None):
                 import shutil
                 shutil.rmtree(mdir)
             os.replace(mdir + ".tmp", mdir)
-        tmp = os.path.join(args.out_dir, "metrics.jsonl.tmp")
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in hist)
-        os.replace(tmp, os.path.join(args.out_dir, "metrics.jsonl"))
+        cache.atomic_write(os.path.join(args.out_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in hist))
         wall = time.time() - t_start + timing.get("prior_wall_s", 0.0)
         summary = dict(
             run_name=args.run_name, wall_time_s=wall, wall_time_split=timing, tokens_seen=tokens_seen,

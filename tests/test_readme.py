@@ -1,0 +1,63 @@
+"""The README is code: every flag it shows exists in that script's --help, every file it links
+exists, and the cheap commands run as written."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+README = open(os.path.join(ROOT, "README.md")).read()
+
+
+def _commands():
+    """`python X.py ...` command lines from the README's code blocks and inline code."""
+    text = README.replace("\\\n", " ")  # join continued lines
+    return [c.strip() for c in re.findall(r"python ((?:train|eval|cache)\.py[^\n`&|#]*)", text)]
+
+
+def _help(script, *sub):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *sub, "--help"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_every_readme_flag_is_in_help():
+    cmds = _commands()
+    assert any(c.startswith("train.py") for c in cmds) and any(c.startswith("eval.py") for c in cmds)
+    helps = {}
+    for cmd in cmds:
+        words = cmd.split()
+        script, sub = words[0], [w for w in words[1:2] if w in ("estimate", "inspect")]
+        key = (script, *sub)
+        if key not in helps:
+            helps[key] = _help(script, *sub)
+        for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", cmd):
+            assert flag in helps[key], f"README flag {flag} of `{cmd}` is not in {script} --help"
+
+
+def test_links_exist():
+    for target in re.findall(r"\]\(([^)#]+)\)", README):
+        if not target.startswith("http"):
+            assert os.path.exists(os.path.join(ROOT, target)), f"dead link {target}"
+    for path in re.findall(r"`((?:tests|bench|docs)/[\w./]+)`", README):
+        assert os.path.exists(os.path.join(ROOT, path)), f"README names missing file {path}"
+    for ref in re.findall(r"`(\w+)\.py:(\w+)`", README):  # file.py:function references of the tour
+        src = open(os.path.join(ROOT, f"{ref[0]}.py")).read()
+        assert re.search(rf"^(def|class) {ref[1]}\b", src, re.M), f"{ref[0]}.py has no {ref[1]}"
+
+
+def test_cache_estimate_command_runs_as_written():
+    cmd = [c for c in _commands() if c.startswith("cache.py estimate")][0].split()
+    out = subprocess.run([sys.executable, os.path.join(ROOT, cmd[0]), *cmd[1:]], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and "19.2" in out.stdout and "3.84" in out.stdout
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    test_cmd = [l for l in README.splitlines() if l.endswith("python -m pytest -q tests")][0]
+    assert test_cmd.strip() in ci
