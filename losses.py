@@ -432,7 +432,7 @@ def _run_chunks(h, W, chunk_loss, chunk_size, need_h=False, need_W=False):
                 if need_h:
                     gh[i0:i1] = g @ Wd
                 if need_W:
-                    gW.add_(g.T @ hc)  # accumulate across chunks in fp32
+                    gW.addmm_(g.T.float(), hc.float())  # accumulate in fp32, no (V, d) temporary
             del z, g
         else:
             loss = chunk_loss(i0, i1, z)

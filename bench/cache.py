@@ -50,13 +50,8 @@ READ_TARGET = 20.0  # reading must be >= 20x faster than training consumes posit
 LAYERS = "0,4,8,12,16,20,24,29"  # the tiny preset's student
 
 
-def atomic_json(path, obj):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=d)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+def write_json(path, obj):
+    cache.atomic_write(path, json.dumps(obj, indent=1, default=str) + "\n")  # the project's one atomic writer
 
 
 def machine():
@@ -253,7 +248,7 @@ def main(argv=None):
         print(f"RATIO {name} {which} = {v:.4g}")
     res["ratios"] = {f"{n} {w}": v for n, w, v in ratios}
     if a.out:
-        atomic_json(a.out, res)
+        write_json(a.out, res)
     return res
 
 

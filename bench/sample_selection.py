@@ -40,6 +40,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import cache  # noqa: E402
 
 M = "student_entropy"
 RUNS = [
@@ -53,13 +56,8 @@ PAPER = {"top_smp_20": 7 * 60 + 1, "se_kd_3x_reuse": 3 * 60 + 58, "full_kd": 22 
 SPLIT = ["load_s", "scoring_s", "cache_s", "train_s", "eval_s"]
 
 
-def atomic_json(path, obj):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=d)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+def write_json(path, obj):
+    cache.atomic_write(path, json.dumps(obj, indent=1, default=str) + "\n")  # the project's one atomic writer
 
 
 def machine():
@@ -189,7 +187,7 @@ def main(argv=None):
     for n, w, v in ratios:
         print(f"RATIO {n} {w} = {v:.3f}")
     if a.out:
-        atomic_json(a.out, dict(machine=mach, argv=sys.argv, quick=a.quick, base_flags=base, rows=rows,
+        write_json(a.out, dict(machine=mach, argv=sys.argv, quick=a.quick, base_flags=base, rows=rows,
                                 runs={k: v for k, v in results.items()},
                                 ratios={f"{n} {w}": v for n, w, v in ratios}))
     return rows

@@ -68,6 +68,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
+import cache  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
 import selection  # noqa: E402
@@ -502,6 +503,10 @@ SHAPE_DEFAULTS = {  # (B, T, reps) quick / full
 }
 
 
+def write_json(path, obj):
+    cache.atomic_write(path, json.dumps(obj, indent=1, default=str) + "\n")  # the project's one atomic writer
+
+
 def machine():
     cpu = platform.processor() or ""
     try:
@@ -654,15 +659,6 @@ def targets_text(all_ratios):
     return "\n".join(out)
 
 
-def atomic_json(path, obj):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=d)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small batches and few repeats (CPU: a few minutes)")
@@ -722,7 +718,7 @@ def main(argv=None):
             tag = name if s == "b" else f"{name}@shape_{s}"
             print(f"RATIO {tag} {ours}/{base} = {v:.3f}")
     if a.out:
-        atomic_json(a.out, dict(machine=mach, argv=sys.argv, quick=a.quick, results=results))
+        write_json(a.out, dict(machine=mach, argv=sys.argv, quick=a.quick, results=results))
     return results
 
 
