@@ -50,19 +50,8 @@ READ_TARGET = 20.0  # reading must be >= 20x faster than training consumes posit
 LAYERS = "0,4,8,12,16,20,24,29"  # the tiny preset's student
 
 
-def write_json(path, obj):
-    cache.atomic_write(path, json.dumps(obj, indent=1, default=str) + "\n")  # the project's one atomic writer
+from benchutil import machine, write_json  # noqa: E402
 
-
-def machine():
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return dict(cpu_count=os.cpu_count(), cpu=cpu, torch=torch.__version__, threads=torch.get_num_threads(),
-                gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
 
 
 def train_throughput(student, tc, packed, V, B, steps, k, chunk, device):

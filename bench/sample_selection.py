@@ -56,20 +56,8 @@ PAPER = {"top_smp_20": 7 * 60 + 1, "se_kd_3x_reuse": 3 * 60 + 58, "full_kd": 22 
 SPLIT = ["load_s", "scoring_s", "cache_s", "train_s", "eval_s"]
 
 
-def write_json(path, obj):
-    cache.atomic_write(path, json.dumps(obj, indent=1, default=str) + "\n")  # the project's one atomic writer
+from benchutil import machine, write_json  # noqa: E402
 
-
-def machine():
-    import torch
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return dict(cpu_count=os.cpu_count(), cpu=cpu, torch=torch.__version__, threads=torch.get_num_threads(),
-                gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
 
 
 def run(name, flags, out_dir, base, log_dir):
