@@ -73,6 +73,7 @@ def get_parser():
     g.add_argument("--sample-metric", choices=SAMPLE_METRICS, default="none", help="sample selection score")
     g.add_argument("--l", type=float, default=1.0, help="fraction of samples kept")
     g.add_argument("--cache-dir", help="offline teacher cache root: built if missing, reused if present")
+    g.add_argument("--cache-shard-size", type=int, default=256, help="sequences per cache shard (the unit of resume)")
     g = p.add_argument_group("memory, regimes")
     g.add_argument("--selective-head", action=argparse.BooleanOptionalAction, default=None,
                    help="logits only at selected rows (default: on when k < 1)")
@@ -337,6 +338,7 @@ def main(argv=None):
                 log(f"building teacher cache {d}")
                 cache.build(d, teacher_logits_fn, pk.input_ids, pk.sample_ids, meta, U=args.rs_u,
                             temperature=args.temperature, seed=args.seed, rank=rank, world_size=world,
+                            shard_size=args.cache_shard_size,
                             progress=master)
                 if ddp:
                     dist.barrier()
