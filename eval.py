@@ -538,7 +538,12 @@ def score_ifeval(model, tokenizer, input_rows, out_dir=None, batch_size=8, max_n
 def score_lm(model, tokenizer, split="test", teacher=None, batch_size=8, progress=True, **data_kwargs):
     """models.heldout_metrics on data.load_splits' held-out split ('val' for validation, else 'test')."""
     import data  # lazily: only --suite lm needs the corpus pipeline
-    splits = data.load_splits(tokenizer, **data_kwargs)
+    task, task_data = data_kwargs.pop("task", "lm"), data_kwargs.pop("task_data", "openai/gsm8k")
+    if task == "gsm8k":  # a task-specific run: its held-out GSM8K answers, prompt masked as in training
+        splits = data.pack_gsm8k(data.load_gsm8k_rows(task_data), tokenizer, data_kwargs.get("seq_len", 512),
+                                 data_kwargs.get("tokens"), data_kwargs.get("seed", 0))
+    else:
+        splits = data.load_splits(tokenizer, **data_kwargs)
     packed = splits["val" if split == "validation" else "test"]
     batches = tqdm(packed.batches(batch_size), desc="lm", disable=not progress,
                    total=math.ceil(len(packed) / batch_size) if hasattr(packed, "__len__") else None)
@@ -864,7 +869,8 @@ def plot_entropy_run(run_dir, path, n_tokens=128, device="cpu", split="validatio
 
 def _data_kwargs(cfg, args=None):
     """data.load_splits keyword arguments from a run's config.json, overridden by CLI flags."""
-    kw = {k: cfg.get(k) for k in ("data", "seq_len", "tokens", "eval_tokens", "seed", "text_field")}
+    kw = {k: cfg.get(k) for k in ("data", "seq_len", "tokens", "eval_tokens", "seed", "text_field", "task",
+                                  "task_data")}
     kw["backend"] = cfg.get("tokenizer_backend")
     if args is not None:
         for k in ("data", "seq_len", "tokens", "eval_tokens", "seed"):

@@ -471,3 +471,19 @@ def test_plot_needs_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     with pytest.raises(SystemExit, match="--plot needs matplotlib: pip install matplotlib"):
         E.plot_entropy_tokens(["a"], [0.5], [True], str(tmp_path / "x.png"))
+
+
+def test_score_lm_on_a_gsm8k_run_uses_its_masked_answers(tmp_path):
+    import sys as _sys
+    _sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
+    from conftest import make_model, make_tokenizer
+    tok = make_tokenizer()
+    model = make_model(tok, layers=1)
+    p = tmp_path / "gsm.jsonl"
+    p.write_text("\n".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"{2 * i}\n#### {2 * i}"})
+                           for i in range(80)))
+    out = E.score_lm(model, tok, "test", None, 4, False, task="gsm8k", task_data=str(p), seq_len=64, seed=0)
+    assert out["tokens"] > 0 and out["loss"] > 0
+    import data
+    test = data.pack_gsm8k(data.load_gsm8k_rows(str(p)), tok, 64, None, 0)["test"]
+    assert out["tokens"] == int(test.valid.sum())  # only answer tokens are scored
