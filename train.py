@@ -20,6 +20,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import cache
 import data
@@ -308,7 +309,9 @@ def main(argv=None):
             need_t = selection.needs_teacher(args.sample_metric)
             scores = []
             with torch.no_grad():
-                for i, (x, y, v) in enumerate(train.batches(args.batch_size)):
+                bar = tqdm(train.batches(args.batch_size), total=math.ceil(len(train) / args.batch_size),
+                           desc=f"scoring samples ({args.sample_metric})", disable=not master)
+                for i, (x, y, v) in enumerate(bar):
                     hs = models.trunk(student, x.to(s_dev))
                     ht = models.trunk(get_teacher(), x.to(t_dev)).to(s_dev) if need_t else None
                     scores.append(selection.sample_scores(
