@@ -458,9 +458,13 @@ def main(argv=None):
             if tcache is not None:  # RS-KD target straight from the cache (no teacher in memory)
                 ids, probs = tcache.get(train.sample_ids[idx])
                 teacher = losses.SparseTeacher(ids.to(s_dev)[sel], probs.to(s_dev)[sel])
-            elif args.rs_u:  # RS-KD online: sample U classes of the teacher at the selected rows
-                ids, probs = losses.sample_classes(ht[sel] @ Wt.T, args.rs_u, g, args.temperature)
-                teacher = losses.SparseTeacher(ids, probs)
+            elif args.rs_u:  # RS-KD online: sample U teacher classes at the selected rows, chunk by chunk
+                hts = ht[sel]
+                draws = [losses.sample_classes(hts[i:i + chunk] @ Wt.T, args.rs_u, g, args.temperature)
+                         for i in range(0, hts.shape[0], chunk)] or [(torch.zeros(0, args.rs_u, dtype=torch.long),
+                                                                      torch.zeros(0, args.rs_u))]
+                teacher = losses.SparseTeacher(torch.cat([d[0] for d in draws]).to(s_dev),
+                                               torch.cat([d[1] for d in draws]).to(s_dev))
             else:
                 teacher = losses.DenseTeacher(ht[sel], Wt)
             # lam * KD + (1 - lam) * CE on the selected rows (Eq. 1/3); lam = 1 is the paper's pure KD
