@@ -332,7 +332,6 @@ def main(argv=None):
     tcache, held_cache, teacher_cached = None, None, {}
     if args.cache_dir:
         t0 = time.time()
-        held_cache = None
         for split, pk in (("train", train), (args.eval_split, held)):
             d = os.path.join(args.cache_dir, f"{split}-{pk.fingerprint}")
             meta = dict(teacher=args.teacher, vocab_size=V, seq_len=args.seq_len, tokenizer_fingerprint=tok_fp,
@@ -410,6 +409,8 @@ def main(argv=None):
     policy = losses.LOSSES[args.loss].get("policy", args.policy)  # Weighted KD brings its own weights
     head_name = losses.LOSSES[args.loss]["head"]
     Ws = models.head_weight(student, V)
+    # the teacher's LM head on the student's device, moved once (not every step: 1.2 GB for Qwen3-8B)
+    Wt = models.head_weight(get_teacher(), V).to(s_dev) if tcache is None else None
 
     def batch_indices(step, micro):
         epoch, j = divmod(step * args.grad_accum + micro, steps_per_epoch * args.grad_accum)
@@ -444,11 +445,9 @@ def main(argv=None):
                 valid[:, P - 1:] = True
             hs = models.trunk(student, x)  # (B, T, d) with grad
             ht = models.trunk(get_teacher(), x.to(t_dev)).to(s_dev) if tcache is None else None  # (B, T, d_t)
-            Wt = models.head_weight(get_teacher(), V).to(s_dev) if tcache is None else None
             # score positions: rows of logits at a time, no (B, T, V) tensor (paper Sec. 4)
             chunk = args.entropy_chunk if args.selective_head else x.numel()
-            metric = args.pos_metric
-            scores = selection.chunked_scores(metric, hs.detach(), Ws.detach(), y, ht, Wt, chunk, g) \
+            scores = selection.chunked_scores(args.pos_metric, hs.detach(), Ws.detach(), y, ht, Wt, chunk, g) \
                 if selection.needs_scores(policy, args.k) else torch.zeros(y.shape, device=y.device)
             w = selection.POLICIES[policy](scores, valid, args.k, generator=g, state=gls, temperature=args.pos_rs_temp,
                                            progress=min(step / max(curriculum_steps - 1, 1), 1.0))  # (B, T)
@@ -459,10 +458,9 @@ def main(argv=None):
                 ids, probs = tcache.get(train.sample_ids[idx])
                 teacher = losses.SparseTeacher(ids.to(s_dev)[sel], probs.to(s_dev)[sel])
             elif args.rs_u:  # RS-KD online: sample U teacher classes at the selected rows, chunk by chunk
-                hts = ht[sel]
+                hts = ht[sel]  # (N, d_t); max(N, 1) so an empty selection still yields (0, U) tensors
                 draws = [losses.sample_classes(hts[i:i + chunk] @ Wt.T, args.rs_u, g, args.temperature)
-                         for i in range(0, hts.shape[0], chunk)] or [(torch.zeros(0, args.rs_u, dtype=torch.long),
-                                                                      torch.zeros(0, args.rs_u))]
+                         for i in range(0, max(hts.shape[0], 1), chunk)]
                 teacher = losses.SparseTeacher(torch.cat([d[0] for d in draws]).to(s_dev),
                                                torch.cat([d[1] for d in draws]).to(s_dev))
             else:
