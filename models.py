@@ -160,11 +160,35 @@ def pick_devices(teacher_device=None, student_device=None):
 
 
 def peak_memory(device):
-    """Peak bytes: CUDA max allocated on a GPU, the process's max RSS on CPU (what Table 16 compares)."""
+    """Peak bytes: CUDA max allocated on a GPU, the process's peak RSS on CPU (what Table 16 compares).
+
+    On Linux the RSS peak is /proc/self/status VmHWM, which reset_peak_memory() can lower again, so
+    each run of an in-process --matrix reports its own peak; elsewhere the process's lifetime max.
+    """
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def reset_peak_memory(device):
+    """Start a new peak: CUDA peak stats, or the RSS high-water mark (writing 5 to /proc/self/clear_refs)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux, or not allowed: peak_memory then reports the process's lifetime peak
 
 
 # -----------------------------------------------------------------------------
@@ -188,28 +212,27 @@ def expected_calibration_error(confidence, correct, n_bins=15):
 
 @torch.no_grad()
 def heldout_metrics(student, batches, teacher=None, vocab_size=None, chunk_size=1024, device=None,
-                    teacher_device=None, teacher_memo=None):
+                    teacher_device=None, teacher_states=None):
     """Token-level held-out metrics of the student on (input_ids, targets, valid) batches.
 
     Returns loss (mean CE over valid positions), ppl = exp(loss), ece (15 bins over the top-1
-    confidence), and with a teacher: kl_to_teacher = mean KL(p || q), top1_agree, teacher_loss.
-    Logits are built `chunk_size` rows at a time, in fp32. `teacher_memo` (a dict, optional) keeps the
-    teacher's hidden states of each batch (N x d floats, small), so a second evaluation of the same
-    batches (student after training) does not run the teacher's trunk again.
+    confidence), and with a teacher: kl_to_teacher = mean KL(p || q), top1_agree, teacher_loss,
+    teacher_ece. Logits are built `chunk_size` rows at a time, in fp32. `teacher_states` (optional,
+    input_ids (B, T) -> the teacher's final hidden states (B, T, d)) replaces the teacher's trunk call,
+    so a caller that keeps those states (train.py does) runs the teacher once for many evaluations.
     """
     device = device or next(student.parameters()).device
     teacher_device = teacher_device or (next(teacher.parameters()).device if teacher else None)
+    if teacher is not None and teacher_states is None:
+        teacher_states = lambda x: trunk(teacher, x.to(teacher_device))  # noqa: E731
     Ws = head_weight(student, vocab_size)
     Wt = head_weight(teacher, vocab_size) if teacher is not None else None
     tot = {"ce": 0.0, "kl": 0.0, "agree": 0.0, "tce": 0.0, "n": 0}
-    confs, corrs = [], []
-    memo = {} if teacher_memo is None else teacher_memo
-    for bi, (input_ids, targets, valid) in enumerate(batches):
+    confs, corrs, tconfs, tcorrs = [], [], [], []
+    for input_ids, targets, valid in batches:
         hs = trunk(student, input_ids.to(device))[valid.to(device)]  # (N, d)
         y = targets.to(device)[valid.to(device)]  # (N,)
-        if teacher is not None and bi not in memo:
-            memo[bi] = trunk(teacher, input_ids.to(teacher_device))[valid.to(teacher_device)]
-        ht = memo.get(bi) if teacher is not None else None
+        ht = teacher_states(input_ids)[valid.to(teacher_device)] if teacher is not None else None  # (N, d_t)
         for i in range(0, hs.shape[0], chunk_size):
             ls = F.log_softmax((hs[i:i + chunk_size] @ Ws.T).float(), -1)  # (n, V)
             yc = y[i:i + chunk_size]
@@ -222,13 +245,17 @@ def heldout_metrics(student, batches, teacher=None, vocab_size=None, chunk_size=
                 tot["kl"] += float((lt.exp() * (lt - ls)).sum())  # KL(p || q), p = teacher
                 tot["agree"] += float((lt.argmax(-1) == pred).sum())
                 tot["tce"] += float(-lt.gather(1, yc[:, None]).sum())
+                tconf, tpred = lt.exp().max(-1)
+                tconfs.append(tconf.cpu())
+                tcorrs.append((tpred == yc).cpu())
         tot["n"] += int(hs.shape[0])
     n = max(tot["n"], 1)
     out = {"loss": tot["ce"] / n, "tokens": tot["n"]}
     out["ppl"] = math.exp(min(out["loss"], 50.0))
     out["ece"] = expected_calibration_error(torch.cat(confs), torch.cat(corrs)) if confs else 0.0
     if teacher is not None:
-        out.update(kl_to_teacher=tot["kl"] / n, top1_agree=tot["agree"] / n, teacher_loss=tot["tce"] / n)
+        out.update(kl_to_teacher=tot["kl"] / n, top1_agree=tot["agree"] / n, teacher_loss=tot["tce"] / n,
+                   teacher_ece=expected_calibration_error(torch.cat(tconfs), torch.cat(tcorrs)) if tconfs else 0.0)
     return out
 
 

@@ -9,7 +9,7 @@ A step: pack -> student trunk -> score positions (chunked, no (B,T,V) logits) ->
 -> normalise per sequence (Eq. 4) -> optimizer step. See README "How it works".
 """
 import argparse
-import contextlib
+import glob
 import hashlib
 import json
 import math
@@ -103,6 +103,9 @@ def get_parser():
     g.add_argument("--save-model", action=argparse.BooleanOptionalAction, default=True, help="save out-dir/model/")
     g.add_argument("--matrix", choices=["table2", "table3", "table4", "table5", "budget"], help="run a named list of configs")
     g.add_argument("--seeds", default="0", help="matrix: comma-separated seeds")
+    g.add_argument("--teacher-memo-gb", type=float, default=4.0,
+                   help="RAM for the teacher's final hidden states (d floats per position) kept across the runs of a "
+                        "--matrix, so its trunk runs once per sequence; beyond it rows are recomputed")
     return p
 
 
@@ -128,6 +131,7 @@ def parse_args(argv=None):
               (0.0 <= args.lam <= 1.0, f"--lam must be in [0, 1], got {args.lam}"),
               (args.rs_u >= 0, f"--rs-u must be >= 0, got {args.rs_u}"),
               (args.entropy_chunk >= 1, "--entropy-chunk must be >= 1"),
+              (args.teacher_memo_gb >= 0, f"--teacher-memo-gb must be >= 0, got {args.teacher_memo_gb}"),
               ((args.sample_metric == "none") == (args.l == 1.0) or args.sample_metric != "none",
                "--l < 1 needs --sample-metric (which samples to keep?)"),
               (not (args.on_policy and (args.rs_u or args.cache_dir)),
@@ -165,6 +169,15 @@ def git_hash():
         return "unknown"
 
 
+RUN_ONLY = ("out_dir", "run_name", "resume", "log_every", "ckpt_every", "save_model", "teacher_memo_gb")
+
+
+def config_key(args):
+    """A hash of everything that changes a run's numbers (not where it writes, nor what it is called)."""
+    cfg = {k: v for k, v in sorted(vars(args).items()) if k not in RUN_ONLY}
+    return hashlib.sha256(json.dumps(cfg, default=str).encode()).hexdigest()[:16]
+
+
 def step_generator(seed, *keys):
     """A generator seeded by (seed, step, micro, rank): draws depend on the step, never on history,
     so a resumed run repeats them exactly."""
@@ -193,6 +206,27 @@ MATRICES = {
 }
 
 
+def copy_same_run(root, out, name, key):
+    """Matrices that share an --out-dir share runs: a finished run with the same config_key (table 3's
+    top_k_20 is table 2's top20_student_entropy) is copied under the new name instead of rerun."""
+    for cfg_path in sorted(glob.glob(os.path.join(root, "*", "seed*", "config.json"))):
+        src = os.path.dirname(cfg_path)
+        if src == out or not os.path.exists(os.path.join(src, "summary.json")):
+            continue
+        cfg = json.load(open(cfg_path))
+        if cfg.get("config_key") != key:
+            continue
+        print(f"[matrix] {name}: same config as {src}, copying its results")
+        os.makedirs(out, exist_ok=True)
+        summary = dict(json.load(open(os.path.join(src, "summary.json"))), run_name=name, same_as=src)
+        if os.path.exists(os.path.join(src, "metrics.jsonl")):
+            cache.atomic_write(os.path.join(out, "metrics.jsonl"), open(os.path.join(src, "metrics.jsonl")).read())
+        atomic_json(os.path.join(out, "config.json"), dict(cfg, run_name=name, out_dir=out, same_as=src))
+        atomic_json(os.path.join(out, "summary.json"), summary)  # last: its presence marks the run done
+        return True
+    return False
+
+
 def run_matrix(args, argv):
     drop = {"--matrix": 1, "--seeds": 1, "--out-dir": 1, "--resume": 0}
     base, i = [], 0
@@ -203,7 +237,7 @@ def run_matrix(args, argv):
             continue
         base.append(argv[i])
         i += 1
-    dirs = []
+    dirs, shared = [], {"matrix": True}  # shared: teacher, its hidden states, untrained-student numbers
     for name, flags in MATRICES[args.matrix]:
         for seed in [int(s) for s in args.seeds.split(",")]:
             out = os.path.join(args.out_dir, name, f"seed{seed}")
@@ -212,8 +246,10 @@ def run_matrix(args, argv):
                 print(f"[matrix] {name} seed {seed}: done, skipping")
                 continue
             run_argv = base + flags + ["--seed", str(seed), "--out-dir", out, "--run-name", name, "--resume"]
+            if copy_same_run(args.out_dir, out, name, config_key(parse_args(run_argv))):
+                continue
             print(f"[matrix] {name} seed {seed}: python train.py {' '.join(run_argv)}", flush=True)
-            main(run_argv)  # in-process: no second torch import; a killed matrix resumes where it was
+            main(run_argv, shared)  # in-process: no second torch import; a killed matrix resumes where it was
     eval_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval.py")
     subprocess.run([sys.executable, eval_py, "--compare", *dirs, "--compare-out",
                     os.path.join(args.out_dir, f"{args.matrix}.md")], check=True)
@@ -222,12 +258,16 @@ def run_matrix(args, argv):
 # -----------------------------------------------------------------------------
 # one run
 
-def main(argv=None):
+def main(argv=None, shared=None):
+    """One run. `shared` (a dict, from run_matrix) keeps what runs of a matrix have in common: the
+    loaded teacher and tokenizer, the teacher's final hidden states per sequence, and the untrained
+    student's held-out numbers, so the teacher's trunk runs once per sequence for the whole matrix."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.matrix:
         return run_matrix(args, argv)
     t_start = time.time()
+    shared = {} if shared is None else shared
     timing = {"scoring_s": 0.0, "cache_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "load_s": 0.0}
 
     # ---- distributed (torchrun) and devices
@@ -243,19 +283,47 @@ def main(argv=None):
         torch.bfloat16 if torch.device(s_dev).type == "cuda" else torch.float32)
     torch.manual_seed(args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
+    models.reset_peak_memory(s_dev)  # each run of a matrix reports its own peak
+    if t_dev != s_dev:
+        models.reset_peak_memory(t_dev)
     log = print if master else (lambda *a, **k: None)
 
     # ---- models (the teacher is loaded lazily: a reused cache never needs it)
     t0 = time.time()
     state = {"teacher": None}
-    tok = models.load_tokenizer(args.teacher)
+    tkey = (args.teacher, t_dev, str(dtype))
+    tok = shared.setdefault(("tokenizer", args.teacher), None) or models.load_tokenizer(args.teacher)
+    shared[("tokenizer", args.teacher)] = tok
 
     def get_teacher():
         if state["teacher"] is None:
-            log(f"loading teacher {args.teacher} on {t_dev}")
-            state["teacher"], _ = models.load_model(args.teacher, t_dev, dtype)
-            state["teacher"].requires_grad_(False)
+            if ("teacher",) + tkey not in shared:
+                log(f"loading teacher {args.teacher} on {t_dev}")
+                shared[("teacher",) + tkey], _ = models.load_model(args.teacher, t_dev, dtype)
+                shared[("teacher",) + tkey].requires_grad_(False)
+            state["teacher"] = shared[("teacher",) + tkey]
         return state["teacher"]
+
+    states = shared.setdefault(("states",) + tkey, {"_bytes": 0})  # token row bytes -> (T, d_t) on CPU
+
+    def teacher_hidden(x, remember=shared.get("matrix", False)):
+        """(b, T) -> the teacher's final hidden states (b, T, d_t) on the student's device. remember: look
+        rows up in / add them to `states` (held-out rows always; training rows within a --matrix, up to
+        --teacher-memo-gb). Remembered rows run one at a time, so their states never depend on which
+        rows shared the batch: a resumed matrix gives the same numbers as an uninterrupted one."""
+        if not remember:
+            return models.trunk(get_teacher(), x.to(t_dev)).to(s_dev)
+        rows = []
+        for r in x:
+            key = r.cpu().numpy().tobytes()
+            h = states.get(key)
+            if h is None:
+                h = models.trunk(get_teacher(), r[None].to(t_dev))[0].to("cpu")
+                if states["_bytes"] + h.numel() * h.element_size() <= args.teacher_memo_gb * 2 ** 30:
+                    states[key] = h
+                    states["_bytes"] += h.numel() * h.element_size()
+            rows.append(h)
+        return torch.stack(rows).to(s_dev)
 
     # ---- data
     if args.task == "gsm8k":
@@ -294,7 +362,7 @@ def main(argv=None):
 
     def teacher_logits_fn(x):  # (b, T) -> (b, T, V): only the cache builder sees full teacher logits
         with torch.no_grad():
-            return (models.trunk(get_teacher(), x.to(t_dev)) @ models.head_weight(get_teacher(), V).T).float().cpu()
+            return (teacher_hidden(x).to(t_dev) @ models.head_weight(get_teacher(), V).T).float().cpu()
 
     # ---- sample selection (Table 4 TopSmp): score once with the frozen student, cache the kept ids
     sup_frac_samples = 1.0
@@ -313,7 +381,7 @@ def main(argv=None):
                            desc=f"scoring samples ({args.sample_metric})", disable=not master)
                 for i, (x, y, v) in enumerate(bar):
                     hs = models.trunk(student, x.to(s_dev))
-                    ht = models.trunk(get_teacher(), x.to(t_dev)).to(s_dev) if need_t else None
+                    ht = teacher_hidden(x) if need_t else None
                     scores.append(selection.sample_scores(
                         args.sample_metric, hs, models.head_weight(student, V), y.to(s_dev), v.to(s_dev), ht,
                         models.head_weight(get_teacher(), V).to(s_dev) if need_t else None,
@@ -356,9 +424,7 @@ def main(argv=None):
         teacher_cached = json.load(open(ref_path)) if os.path.exists(ref_path) else {}
         timing["cache_s"] = time.time() - t0
 
-    # ---- held-out evaluation (student before / after, teacher once)
-    teacher_memo = {}  # the teacher's held-out hidden states: its trunk runs once for both evaluations
-
+    # ---- held-out evaluation (student before / after; the teacher's trunk once per sequence)
     def heldout():
         t0 = time.time()
         student.eval()
@@ -367,7 +433,7 @@ def main(argv=None):
                                                 held.sample_ids, V, args.entropy_chunk)
         else:
             out = models.heldout_metrics(student, held.batches(args.batch_size), get_teacher(), V, args.entropy_chunk,
-                                         teacher_memo=teacher_memo)
+                                         teacher_states=lambda x: teacher_hidden(x, True).to(t_dev))
         student.train()
         timing["eval_s"] += time.time() - t0
         return out
@@ -399,11 +465,17 @@ def main(argv=None):
         step, hist, before, gls = ck["step"], ck["hist"], ck["before"], ck["gls"]
         timing.update(ck["timing"])
         log(f"resumed from {ckpt_path} at step {step}")
+    before_key = ("before", args.teacher, args.student, str(keep), held.fingerprint, args.eval_split, str(dtype),
+                  args.entropy_chunk, args.batch_size, tcache is None)
+    if before is None and before_key in shared and not init_dir:
+        before = dict(shared[before_key])  # the same untrained student on the same held-out split
     if before is None:
         before = heldout()
+        shared[before_key] = dict(before)
         log(f"before: student val loss {before['loss']:.4f} kl {before.get('kl_to_teacher', float('nan')):.4f}")
     if master:
         atomic_json(os.path.join(args.out_dir, "config.json"), dict(vars(args), git_hash=git_hash(), argv=argv,
+                                                                   config_key=config_key(args),
                                                                    student_layers_kept=keep, world_size=world))
     curriculum_steps = args.curriculum_steps or max_steps
     policy = losses.LOSSES[args.loss].get("policy", args.policy)  # Weighted KD brings its own weights
@@ -444,7 +516,7 @@ def main(argv=None):
                 valid = torch.zeros_like(y, dtype=torch.bool)
                 valid[:, P - 1:] = True
             hs = models.trunk(student, x)  # (B, T, d) with grad
-            ht = models.trunk(get_teacher(), x.to(t_dev)).to(s_dev) if tcache is None else None  # (B, T, d_t)
+            ht = teacher_hidden(x) if tcache is None else None  # (B, T, d_t)
             # score positions: rows of logits at a time, no (B, T, V) tensor (paper Sec. 4)
             chunk = args.entropy_chunk if args.selective_head else x.numel()
             scores = selection.chunked_scores(args.pos_metric, hs.detach(), Ws.detach(), y, ht, Wt, chunk, g) \
