@@ -645,19 +645,40 @@ def mean_std(vals):
     return sum(vals) / len(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
-def compare_runs(run_dirs, split="test"):
-    """The paper-style markdown table: one row per run_name group, mean ± sample std over its seeds."""
+def reference_runs(runs):
+    """The table's reference rows, one entry per seed (runs of one seed share them): the undistilled
+    student (summary student_before) and the teacher (summary teacher: loss, ppl, ece)."""
+    before, teacher = {}, {}
+    for r in runs:
+        seed = r["config"].get("seed")
+        if r["summary"].get("student_before") and seed not in before:
+            before[seed] = {"config": {}, "eval": {}, "summary": {"student_after": r["summary"]["student_before"]}}
+        if r["summary"].get("teacher") and seed not in teacher:
+            teacher[seed] = {"config": {}, "eval": {}, "summary": {"student_after": r["summary"]["teacher"]}}
+    return {name: list(rows.values()) for name, rows in
+            (("student, no KD (reference)", before), ("teacher (reference)", teacher)) if rows}
+
+
+def compare_runs(run_dirs, split="test", refs=True):
+    """The paper-style markdown table: one row per run_name group, mean ± sample std over its seeds,
+    then (refs) the undistilled student and the teacher. Columns no row has are left out."""
     if not run_dirs:
         raise ValueError("--compare needs at least one run directory")
-    groups = _group([load_run(d, split) for d in run_dirs])
-    head = ["run", "n"] + [c[0] for c in COMPARE_COLUMNS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    for name, runs in groups.items():
-        cells = [name, str(len(runs))]
+    runs = [load_run(d, split) for d in run_dirs]
+    groups = _group(runs)
+    if refs:
+        groups.update(reference_runs(runs))
+    rows = []
+    for name, group in groups.items():
+        cells = [name, str(len(group))]
         for _, fmt, get in COMPARE_COLUMNS:
-            ms = mean_std(get(r) for r in runs)
+            ms = mean_std(get(r) for r in group)
             cells.append("-" if ms is None else f"{ms[0]:{fmt}} ± {ms[1]:{fmt}}")
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    keep = [0, 1] + [j + 2 for j in range(len(COMPARE_COLUMNS)) if any(row[j + 2] != "-" for row in rows)]
+    head = ["run", "n"] + [c[0] for c in COMPARE_COLUMNS]
+    lines = ["| " + " | ".join(head[j] for j in keep) + " |", "|" + "|".join(["---"] + ["---:"] * (len(keep) - 1)) + "|"]
+    lines += ["| " + " | ".join(row[j] for j in keep) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -709,19 +730,20 @@ def budget_data(run_dirs, metric="auto", split="test"):
 
     A run whose sample_metric is not 'none' varies l; every other run varies k. Full KD = policy 'full'
     or k = l = 1 without sample selection; random = policy/pos_metric 'random' (k axis) or sample_metric
-    'random' (l axis). y = the benchmark Acc average (metric 'acc') or the held-out student loss
-    ('loss'); 'auto' takes acc when every run has it.
+    'random' (l axis). y = the benchmark Acc average (metric 'acc'), the held-out student loss
+    ('loss') or its KL to the teacher ('kl'); 'auto' takes acc when every run has it, else loss.
     """
     runs = [load_run(d, split) for d in run_dirs]
     if not runs:
         raise ValueError("--plot-kind budget needs run directories")
     if metric == "auto":
         metric = "acc" if all(paper_average(r["eval"]) is not None for r in runs) else "loss"
-    if metric not in ("acc", "loss"):
-        raise ValueError(f"--plot-metric must be auto, acc or loss, got {metric!r}")
+    if metric not in ("acc", "loss", "kl"):
+        raise ValueError(f"--plot-metric must be auto, acc, loss or kl, got {metric!r}")
 
     def y_of(r):
-        y = paper_average(r["eval"]) if metric == "acc" else _get(r["summary"], "student_after", "loss")
+        y = paper_average(r["eval"]) if metric == "acc" else _get(
+            r["summary"], "student_after", "kl_to_teacher" if metric == "kl" else "loss")
         if y is None:
             raise ValueError(f"{r['dir']}: no {metric} to plot")
         return float(y)
@@ -758,7 +780,8 @@ def plot_budget(run_dirs, path, metric="auto", split="test"):
     data = budget_data(run_dirs, metric, split)
     axes_keys = list(data["axes"])
     fig, axs = plt.subplots(1, len(axes_keys), figsize=(5.5 * len(axes_keys), 4), squeeze=False)
-    ylabel = "benchmark Acc (avg)" if data["metric"] == "acc" else "held-out student loss"
+    ylabel = {"acc": "benchmark Acc (avg)", "loss": "held-out student loss",
+              "kl": "held-out KL(teacher || student)"}[data["metric"]]
     for ax, key in zip(axs[0], axes_keys):
         d = data["axes"][key]
         for name, s in d["series"].items():
@@ -911,7 +934,8 @@ def get_parser():
     a("--compare-out", metavar="FILE.md", help="also write the table here")
     a("--plot", metavar="FILE.png", help="draw a figure (needs matplotlib)")
     a("--plot-kind", choices=["budget", "entropy"], default="budget")
-    a("--plot-metric", choices=["auto", "acc", "loss"], default="auto", help="budget: y axis")
+    a("--plot-metric", choices=["auto", "acc", "loss", "kl"], default="auto",
+      help="budget: y axis (auto: benchmark Acc when every run has eval.json, else held-out loss)")
     a("--plot-tokens", type=int, default=128, help="entropy: tokens shown")
     a("--no-progress", action="store_true", help="no progress bars")
     return p
