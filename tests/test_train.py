@@ -175,3 +175,38 @@ def test_ddp_cache_build_is_sharded_across_ranks(tiny_dir, tmp_path):
     c1 = cache.open_cache(str([p for p in (tmp_path / "cache1").iterdir() if p.name.startswith("train-")][0]))
     ids = torch.arange(len(c.sample_ids))
     assert all(torch.equal(a, b) for a, b in zip(c.get(ids), c1.get(ids)))
+
+
+def test_matrix_memo_runs_teacher_once_and_matches_a_plain_run(tiny_dir, tmp_path, capsys):
+    flags = ("--k", "0.2", "--pos-metric", "kl", "--max-steps", "3")
+    shared = {"matrix": True}
+    train.main(train_args(tiny_dir, tmp_path / "a", *flags), shared)
+    train.main(train_args(tiny_dir, tmp_path / "b", *flags), shared)  # second run: teacher and states reused
+    assert capsys.readouterr().out.count("loading teacher") == 1
+    states = next(v for k, v in shared.items() if k[0] == "states")
+    assert len(states) - 1 == 1024 // 32 + 256 // 32  # one entry per train and val row, plus "_bytes"
+    a, b = (json.load(open(tmp_path / d / "summary.json")) for d in ("a", "b"))
+    assert a["student_after"] == b["student_after"] and a["student_before"] == b["student_before"]
+    assert a["wall_time_split"]["teacher_memo_s"] > 0 and b["wall_time_split"]["teacher_memo_s"] < \
+        a["wall_time_split"]["teacher_memo_s"]
+    plain = run_inproc(tiny_dir, tmp_path / "c", *flags)  # no memo: batched teacher calls
+    for key in ("loss", "kl_to_teacher", "ece"):
+        assert plain["student_after"][key] == pytest.approx(a["student_after"][key], rel=1e-4, abs=1e-5)
+    assert "teacher_memo_s" not in plain["wall_time_split"]
+
+
+def test_matrices_sharing_an_out_dir_copy_identical_configs(tiny_dir, tmp_path):
+    src = tmp_path / "top20_student_entropy" / "seed0"
+    argv = train_args(tiny_dir, src, "--k", "0.2", "--max-steps", "1", "--seed", "0", "--run-name", "top20_student_entropy")
+    train.main(argv)
+    key = train.config_key(train.parse_args(argv))
+    assert json.load(open(src / "config.json"))["config_key"] == key
+    other = train.config_key(train.parse_args(argv + ["--k", "0.3"]))
+    renamed = train.config_key(train.parse_args(argv + ["--out-dir", "elsewhere", "--run-name", "x", "--log-every", "5"]))
+    assert other != key and renamed == key  # only flags that change the numbers count
+    dst = tmp_path / "top_k_20" / "seed0"
+    assert not train.copy_same_run(str(tmp_path), str(dst), "top_k_20", other)
+    assert train.copy_same_run(str(tmp_path), str(dst), "top_k_20", key)
+    s, s0 = json.load(open(dst / "summary.json")), json.load(open(src / "summary.json"))
+    assert s["run_name"] == "top_k_20" and s["same_as"] == str(src) and s["student_after"] == s0["student_after"]
+    assert json.load(open(dst / "config.json"))["run_name"] == "top_k_20"
