@@ -659,24 +659,45 @@ def reference_runs(runs):
             (("student, no KD (reference)", before), ("teacher (reference)", teacher)) if rows}
 
 
-def compare_runs(run_dirs, split="test", refs=True):
+def paired_columns(groups, baseline):
+    """Columns of per-seed differences to the `baseline` group (same seed = same data and held-out
+    split, so the difference removes the split-to-split spread that dominates the plain std)."""
+    if baseline not in groups:
+        raise ValueError(f"--compare-baseline {baseline!r} is not a run name here; have {sorted(groups)}")
+    base = {r["config"].get("seed"): r for r in groups[baseline]}
+    cols = []
+    for header, fmt, get in COMPARE_COLUMNS[:3:2]:  # loss, KL
+        def diff(r, get=get):
+            b = base.get(r["config"].get("seed"))
+            v, w = get(r), get(b) if b is not None else None
+            return None if v is None or w is None or not r["config"] else v - w
+        cols.append((f"Δ{header} vs {baseline}", "+.4f", diff))
+    return cols
+
+
+def compare_runs(run_dirs, split="test", refs=True, baseline=None):
     """The paper-style markdown table: one row per run_name group, mean ± sample std over its seeds,
-    then (refs) the undistilled student and the teacher. Columns no row has are left out."""
+    then (refs) the undistilled student and the teacher. With `baseline` (a run name), also the
+    per-seed differences of loss and KL to that group. Columns no row has are left out."""
     if not run_dirs:
         raise ValueError("--compare needs at least one run directory")
     runs = [load_run(d, split) for d in run_dirs]
     groups = _group(runs)
+    columns = COMPARE_COLUMNS[:]
+    if baseline:
+        p = paired_columns(groups, baseline)
+        columns = columns[:1] + p[:1] + columns[1:3] + p[1:] + columns[3:]  # loss Δloss PPL KL ΔKL top-1 ...
     if refs:
         groups.update(reference_runs(runs))
     rows = []
     for name, group in groups.items():
         cells = [name, str(len(group))]
-        for _, fmt, get in COMPARE_COLUMNS:
+        for _, fmt, get in columns:
             ms = mean_std(get(r) for r in group)
-            cells.append("-" if ms is None else f"{ms[0]:{fmt}} ± {ms[1]:{fmt}}")
+            cells.append("-" if ms is None else f"{ms[0]:{fmt}} ± {ms[1]:{fmt.lstrip('+')}}")
         rows.append(cells)
-    keep = [0, 1] + [j + 2 for j in range(len(COMPARE_COLUMNS)) if any(row[j + 2] != "-" for row in rows)]
-    head = ["run", "n"] + [c[0] for c in COMPARE_COLUMNS]
+    keep = [0, 1] + [j + 2 for j in range(len(columns)) if any(row[j + 2] != "-" for row in rows)]
+    head = ["run", "n"] + [c[0] for c in columns]
     lines = ["| " + " | ".join(head[j] for j in keep) + " |", "|" + "|".join(["---"] + ["---:"] * (len(keep) - 1)) + "|"]
     lines += ["| " + " | ".join(row[j] for j in keep) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -932,6 +953,7 @@ def get_parser():
     a("--ifeval-inputs", metavar="FILE", help="official input_data.jsonl (default: ../shared/data/ifeval/ or hub)")
     a("--compare", nargs="+", metavar="RUN", help="print the paper-style table of these runs")
     a("--compare-out", metavar="FILE.md", help="also write the table here")
+    a("--compare-baseline", metavar="RUN_NAME", help="add per-seed differences of loss and KL to this run name")
     a("--plot", metavar="FILE.png", help="draw a figure (needs matplotlib)")
     a("--plot-kind", choices=["budget", "entropy"], default="budget")
     a("--plot-metric", choices=["auto", "acc", "loss", "kl"], default="auto",
@@ -962,7 +984,7 @@ def main(argv=None):
         print(json.dumps(res))
         return res
     if args.compare:
-        table = compare_runs(args.compare, args.split)
+        table = compare_runs(args.compare, args.split, baseline=args.compare_baseline)
         print(table, end="")
         if args.compare_out:
             write_text(args.compare_out, table)

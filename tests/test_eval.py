@@ -512,3 +512,16 @@ def test_compare_adds_reference_rows_and_drops_empty_columns(tmp_path):
     assert te["n"] == "2" and te["loss"] == f"1.6000 ± {math.sqrt(0.02):.4f}" and te["KL"] == "-"
     assert te["wall (s)"] == "-" and rows["se"]["wall (s)"] == "100.5 ± 0.7"
     assert "reference" not in E.compare_runs(runs, refs=False)
+
+
+def test_compare_baseline_gives_paired_differences(tmp_path):
+    runs = [fake_run(tmp_path, "f0", "full", 0, 2.0), fake_run(tmp_path, "f1", "full", 1, 3.0),
+            fake_run(tmp_path, "s0", "se", 0, 2.1), fake_run(tmp_path, "s1", "se", 1, 3.3)]
+    lines = E.compare_runs(runs, baseline="full").strip().split("\n")
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head[:5] == ["run", "n", "loss", "Δloss vs full", "PPL"] and "ΔKL vs full" in head
+    se = dict(zip(head, (c.strip() for c in lines[3].strip("|").split("|"))))
+    # per seed: +0.1 and +0.3 -> mean +0.2, sample std 0.1414 (the plain loss std is 0.85)
+    assert se["Δloss vs full"] == f"+0.2000 ± {math.sqrt(0.02):.4f}" and se["ΔKL vs full"] == "+0.0000 ± 0.0000"
+    with pytest.raises(ValueError, match="not a run name"):
+        E.compare_runs(runs, baseline="nope")
