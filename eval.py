@@ -1089,6 +1089,7 @@ COMPARE_COLUMNS = [  # (header, format, run -> value or None); summary = train.p
     ("sup. pos", ".3f", lambda r: _get(r["summary"], "sup_frac_positions")),
     ("sup. samples", ".3f", lambda r: _get(r["summary"], "sup_frac_samples")),
     ("wall (s)", ".1f", lambda r: _get(r["summary"], "wall_time_s")),
+    ("train (s)", ".1f", lambda r: _get(r["summary"], "wall_time_split", "train_s")),
     ("mem S (GiB)", ".2f", lambda r: _gib(_get(r["summary"], "peak_mem_bytes", "student"))),
     ("mem T (GiB)", ".2f", lambda r: _gib(_get(r["summary"], "peak_mem_bytes", "teacher"))),
 ]

@@ -78,7 +78,8 @@ def get_parser():
     g = p.add_argument_group("memory, regimes")
     g.add_argument("--selective-head", action=argparse.BooleanOptionalAction, default=None,
                    help="logits only at selected rows (default: on when k < 1)")
-    g.add_argument("--entropy-chunk", type=int, default=1024, help="rows of logits alive at once")
+    g.add_argument("--entropy-chunk", type=int,
+                   help="rows of logits alive at once (default: 1024 on GPU; 128 on CPU, measured 2x faster there)")
     g.add_argument("--on-policy", action="store_true", help="student generates, teacher scores (Table 5)")
     g.add_argument("--gen-prompt-len", type=int, default=32, help="on-policy: prompt tokens per sequence")
     g.add_argument("--gen-tokens", type=int, default=64, help="on-policy: tokens the student generates")
@@ -121,6 +122,8 @@ def parse_args(argv=None):
     except ValueError as e:
         p.error(str(e))
     args.tokens, args.eval_tokens = int(args.tokens), int(args.eval_tokens)
+    if args.entropy_chunk is None:
+        args.entropy_chunk = 1024 if torch.cuda.is_available() else 128
     args.loss = args.loss or ("reverse_kl" if args.on_policy else "kl")
     if args.selective_head is None:
         args.selective_head = args.k < 1.0

@@ -61,3 +61,25 @@ def test_ci_runs_the_readme_test_command():
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     test_cmd = [l for l in README.splitlines() if l.endswith("python -m pytest -q tests")][0]
     assert test_cmd.strip() in ci
+
+
+def test_study_scripts_name_real_flags_and_matrices():
+    import train
+    study = open(os.path.join(ROOT, "docs", "study.sh")).read()
+    flags = re.search(r"FLAGS=\((.*?)\)", study, re.S).group(1).replace('"$OUT"', "out/x").split()
+    for m in re.search(r"for m in ([\w ]+);", study).group(1).split():
+        args = train.parse_args(flags + ["--matrix", m])  # a typo in the script fails here, not after an hour
+        assert args.matrix == m and args.seeds == "0,1,2"
+    make = open(os.path.join(ROOT, "docs", "make_results.sh")).read()
+    for line in re.findall(r"\$\(dirs ([\w. ]+)\)", make):
+        for name in line.split():
+            assert name in train.MATRICES or any(name == n for rows in train.MATRICES.values() for n, _ in rows), name
+
+
+def test_results_page_links_exist():
+    page = os.path.join(ROOT, "docs", "results.md")
+    text = open(page).read()
+    assert "docs/results.md" in README
+    for target in re.findall(r"\]\(([^)#]+)\)", text):
+        if not target.startswith("http"):
+            assert os.path.exists(os.path.join(ROOT, "docs", target)), f"dead link in docs/results.md: {target}"
