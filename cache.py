@@ -252,11 +252,9 @@ def atomic_write(path, data):
         raise
 
 
-_atomic_write = atomic_write
-
 
 def _write_json(path, obj):
-    _atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _read_json(path):
@@ -402,7 +400,7 @@ class _ShardWriter:
         idx = (sids.astype("<i8").tobytes() + np.asarray(self.offsets, "<i8").tobytes()
                + np.concatenate(self.counts).astype(np.dtype(self.plan["count_dtype"]).newbyteorder("<")).tobytes())
         os.replace(self.tmp, os.path.join(d, name + ".bin"))
-        _atomic_write(os.path.join(d, name + ".idx"), idx)
+        atomic_write(os.path.join(d, name + ".idx"), idx)
         rec = dict(index=self.i, num_samples=len(sids), kept=self.kept,
                    data_file=name + ".bin", data_bytes=self.kept * self.plan["bytes_per_class"],
                    data_sha256=self.h.hexdigest(), index_file=name + ".idx", index_bytes=len(idx),

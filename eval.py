@@ -660,18 +660,22 @@ def reference_runs(runs):
 
 
 def paired_columns(groups, baseline):
-    """Columns of per-seed differences to the `baseline` group (same seed = same data and held-out
-    split, so the difference removes the split-to-split spread that dominates the plain std)."""
+    """{header: Δ column} for loss and KL: per-seed differences to the `baseline` group (same seed =
+    same data and held-out split, so the difference removes the split-to-split spread that
+    dominates the plain std)."""
     if baseline not in groups:
         raise ValueError(f"--compare-baseline {baseline!r} is not a run name here; have {sorted(groups)}")
     base = {r["config"].get("seed"): r for r in groups[baseline]}
-    cols = []
-    for header, fmt, get in COMPARE_COLUMNS[:3:2]:  # loss, KL
+    cols = {}
+    for header, fmt, get in COMPARE_COLUMNS:
+        if header not in ("loss", "KL"):
+            continue
+
         def diff(r, get=get):
             b = base.get(r["config"].get("seed"))
             v, w = get(r), get(b) if b is not None else None
             return None if v is None or w is None or not r["config"] else v - w
-        cols.append((f"Δ{header} vs {baseline}", "+.4f", diff))
+        cols[header] = (f"Δ{header} vs {baseline}", "+.4f", diff)
     return cols
 
 
@@ -683,10 +687,8 @@ def compare_runs(run_dirs, split="test", refs=True, baseline=None):
         raise ValueError("--compare needs at least one run directory")
     runs = [load_run(d, split) for d in run_dirs]
     groups = _group(runs)
-    columns = COMPARE_COLUMNS[:]
-    if baseline:
-        p = paired_columns(groups, baseline)
-        columns = columns[:1] + p[:1] + columns[1:3] + p[1:] + columns[3:]  # loss Δloss PPL KL ΔKL top-1 ...
+    paired = paired_columns(groups, baseline) if baseline else {}
+    columns = [col for c in COMPARE_COLUMNS for col in (c, paired.get(c[0])) if col]  # Δ right after its column
     if refs:
         groups.update(reference_runs(runs))
     rows = []

@@ -295,19 +295,23 @@ def main(argv=None, shared=None):
     t0 = time.time()
     state = {"teacher": None}
     tkey = (args.teacher, t_dev, str(dtype))
-    tok = shared.setdefault(("tokenizer", args.teacher), None) or models.load_tokenizer(args.teacher)
-    shared[("tokenizer", args.teacher)] = tok
+
+    def share(key, make):  # what the runs of a matrix share: made by the first run that needs it
+        if key not in shared:
+            shared[key] = make()
+        return shared[key]
+
+    def load_teacher():
+        log(f"loading teacher {args.teacher} on {t_dev}")
+        return models.load_model(args.teacher, t_dev, dtype)[0].requires_grad_(False)
 
     def get_teacher():
         if state["teacher"] is None:
-            if ("teacher",) + tkey not in shared:
-                log(f"loading teacher {args.teacher} on {t_dev}")
-                shared[("teacher",) + tkey], _ = models.load_model(args.teacher, t_dev, dtype)
-                shared[("teacher",) + tkey].requires_grad_(False)
-            state["teacher"] = shared[("teacher",) + tkey]
+            state["teacher"] = share(("teacher",) + tkey, load_teacher)
         return state["teacher"]
 
-    states = shared.setdefault(("states",) + tkey, {"_bytes": 0})  # token row bytes -> (T, d_t) on CPU
+    tok = share(("tokenizer", args.teacher), lambda: models.load_tokenizer(args.teacher))
+    states = share(("states",) + tkey, lambda: {"rows": {}, "bytes": 0, "full": False})  # rows: token bytes -> (T, d_t)
 
     def teacher_hidden(x, remember=shared.get("matrix", False)):
         """(b, T) -> the teacher's final hidden states (b, T, d_t) on the student's device. remember: look
@@ -319,12 +323,14 @@ def main(argv=None, shared=None):
         rows = []
         for r in x:
             key = r.cpu().numpy().tobytes()
-            h = states.get(key)
+            h = states["rows"].get(key)
             if h is None:
                 h = models.trunk(get_teacher(), r[None].to(t_dev))[0].to("cpu")
-                if states["_bytes"] + h.numel() * h.element_size() <= args.teacher_memo_gb * 2 ** 30:
-                    states[key] = h
-                    states["_bytes"] += h.numel() * h.element_size()
+                nbytes = h.numel() * h.element_size()
+                states["full"] = states["bytes"] + nbytes > args.teacher_memo_gb * 2 ** 30
+                if not states["full"]:
+                    states["rows"][key] = h
+                    states["bytes"] += nbytes
             rows.append(h)
         return torch.stack(rows).to(s_dev)
 
@@ -364,12 +370,15 @@ def main(argv=None, shared=None):
     timing["load_s"] = time.time() - t0
 
     # ---- a --matrix runs the teacher once per sequence: fill its states now, outside the run's wall time
-    # (like an offline cache, whose build is a one-time cost); later runs of this seed find them all
+    # (like an offline cache, whose build is a one-time cost); later runs of this seed find them all.
+    # Held-out rows first (every evaluation reads them); no further once --teacher-memo-gb is full.
     if shared.get("matrix") and args.teacher_memo_gb > 0 and not (args.cache_dir or args.on_policy):
         t0 = time.time()
         with torch.no_grad():
-            for pk in (train, held):
+            for pk in (held, train):
                 for i in range(0, len(pk), args.batch_size):
+                    if states["full"]:
+                        break
                     teacher_hidden(pk.input_ids[i:i + args.batch_size], True)
         timing["teacher_memo_s"] = time.time() - t0
         t_start += timing["teacher_memo_s"]  # wall_time_s excludes it; the summary keeps it apart
@@ -480,8 +489,9 @@ def main(argv=None, shared=None):
         timing.update(ck["timing"])
         log(f"resumed from {ckpt_path} at step {step}")
     before_key = ("before", args.teacher, args.student, str(keep), held.fingerprint, args.eval_split, str(dtype),
-                  args.entropy_chunk, args.batch_size, tcache is None)
-    if before is None and before_key in shared and not init_dir:
+                  args.entropy_chunk, args.batch_size,  # and, against a cache, which sampled target it holds:
+                  (args.cache_dir, args.rs_u, args.temperature, args.seed) if held_cache is not None else None)
+    if before is None and before_key in shared:
         before = dict(shared[before_key])  # the same untrained student on the same held-out split
     if before is None:
         before = heldout()

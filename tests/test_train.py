@@ -184,7 +184,7 @@ def test_matrix_memo_runs_teacher_once_and_matches_a_plain_run(tiny_dir, tmp_pat
     train.main(train_args(tiny_dir, tmp_path / "b", *flags), shared)  # second run: teacher and states reused
     assert capsys.readouterr().out.count("loading teacher") == 1
     states = next(v for k, v in shared.items() if k[0] == "states")
-    assert len(states) - 1 == 1024 // 32 + 256 // 32  # one entry per train and val row, plus "_bytes"
+    assert len(states["rows"]) == 1024 // 32 + 256 // 32  # one entry per train and val row
     a, b = (json.load(open(tmp_path / d / "summary.json")) for d in ("a", "b"))
     assert a["student_after"] == b["student_after"] and a["student_before"] == b["student_before"]
     assert a["wall_time_split"]["teacher_memo_s"] > 0 and b["wall_time_split"]["teacher_memo_s"] < \
@@ -193,6 +193,13 @@ def test_matrix_memo_runs_teacher_once_and_matches_a_plain_run(tiny_dir, tmp_pat
     for key in ("loss", "kl_to_teacher", "ece"):
         assert plain["student_after"][key] == pytest.approx(a["student_after"][key], rel=1e-4, abs=1e-5)
     assert "teacher_memo_s" not in plain["wall_time_split"]
+    # a memo with room for 3 rows keeps 3, stops filling, and the numbers stay the same
+    row_gb = states["bytes"] / len(states["rows"]) / 2 ** 30
+    small = {"matrix": True}
+    train.main(train_args(tiny_dir, tmp_path / "d", *flags, "--teacher-memo-gb", str(3.5 * row_gb)), small)
+    rows = next(v for k, v in small.items() if k[0] == "states")["rows"]
+    assert set(rows) <= set(states["rows"]) and len(rows) == 3
+    assert json.load(open(tmp_path / "d" / "summary.json"))["student_after"] == a["student_after"]
 
 
 def test_matrices_sharing_an_out_dir_copy_identical_configs(tiny_dir, tmp_path):
