@@ -25,13 +25,17 @@ mean) and lam is the KD weight (lam = 1: pure KD; the KD/CE mixture of Eq. 1/3).
 `selective_kd_loss` computes this on dense (B, T) per-position losses; `head_loss` computes
 the same quantity from hidden states without ever building (B, T, V) logits.
 
-Weighted KD (paper Table 1) needs no special case here: selection.py's `weighted` policy
-emits weights proportional to the metric, and the formula above uses them as they are.
+Weighted KD (paper Table 1) is forward KL with selection.py's `weighted` policy, which emits
+weights proportional to the metric; `policy_for` tells train.py to use that policy.
+
+Every loss here takes `(student_logits, teacher_logits, targets, temperature=1.0)` (torchtune's
+order) and returns (N,) fp32; `LOSSES` at the bottom is the one registry (`--loss NAME`): a new
+loss is one such function plus one line there.
 
 Classes (RS-KD, class axis): instead of the full p_t, keep U classes sampled from p_t with
 replacement; p~_t(v) = count(v) / U is an unbiased estimate of p_t(v), so the gradient of
 sum_v p~_t(v) (log p~_t(v) - log q_t(v)) is an unbiased estimate of the gradient of
-KL(p_t || q_t) (`sample_classes`, `rs_kd_loss`).
+KL(p_t || q_t) (`rs_uniforms`, `sample_classes`, `rs_kd_loss`).
 
 Other objectives: Decoupled KD (`dkd_loss`, Zhao et al. 2022) and AT-KD (`atkd_loss`,
 Zhong et al. 2024), both built on the DKD identity
@@ -63,20 +67,27 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+import common
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- log-probs, entropy, KL
 
-def _logp(logits, temperature=1.0):
-    """fp32 log-softmax over the last dim at temperature `temperature`."""
+def _check_temperature(temperature):
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def log_probs(logits, temperature=1.0):
+    """log softmax(logits / tau) over the last dim, in fp32: the one place logits become log-probs."""
+    _check_temperature(temperature)
     z = logits.float()
     if temperature != 1.0:
         z = z / temperature
     return torch.log_softmax(z, dim=-1)
 
 
-def _kl_logp(lp, lq):
+def _kl_from_log_probs(lp, lq):
     """KL(p || q) over the last dim from log-probs; classes with p = 0 contribute exactly 0.
 
     Both log-probs are replaced by 0 where p = 0 *before* subtracting, so -inf - (-inf) never
@@ -84,8 +95,7 @@ def _kl_logp(lp, lq):
     """
     p = lp.exp()
     keep = p > 0
-    diff = torch.where(keep, lp, 0.0) - torch.where(keep, lq, 0.0)
-    return (p * diff).sum(-1)
+    return (p * (torch.where(keep, lp, 0.0) - torch.where(keep, lq, 0.0))).sum(-1)
 
 
 def _logsumexp(x):
@@ -95,19 +105,12 @@ def _logsumexp(x):
     return torch.where(ok.squeeze(-1), out, float("-inf"))
 
 
-def _check_temperature(temperature):
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+def entropy(logits, temperature=1.0):
+    """Shannon entropy H(softmax(logits / tau)) = -sum_v q(v) log q(v) in nats, fp32.
 
-
-# ----------------------------------------------------------------------------- entropy
-
-def entropy_from_logits(logits):
-    """Shannon entropy H(softmax(logits)) = -sum_v q(v) log q(v), fp32, over the last dim.
-
-    logits (..., V) -> (...). Classes with -inf logits contribute 0.
+    logits (..., V) -> (...). Classes with -inf logits contribute 0 (0 log 0 = 0).
     """
-    lq = _logp(logits)
+    lq = log_probs(logits, temperature)
     q = lq.exp()
     return -(q * torch.where(q > 0, lq, 0.0)).sum(-1)
 
@@ -120,7 +123,7 @@ def chunked_entropy(hidden, lm_head_weight, chunk_size=1024):
     Used to score positions by the student entropy H(q_t) (SE-KD). No grad; at most
     `chunk_size` rows of logits are alive at once. The matmul runs in the weight's dtype
     (as the model's head would), the softmax in fp32; the result equals
-    entropy_from_logits(hidden @ W^T) (to 1e-5 in fp32).
+    entropy(hidden @ W^T) (to 1e-5 in fp32).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -132,42 +135,55 @@ def chunked_entropy(hidden, lm_head_weight, chunk_size=1024):
     out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)  # (N,)
     W = lm_head_weight.to(h.dtype)
     for i in range(0, h.shape[0], chunk_size):
-        out[i:i + chunk_size] = entropy_from_logits(h[i:i + chunk_size] @ W.T)  # (c, V) alive
+        out[i:i + chunk_size] = entropy(h[i:i + chunk_size] @ W.T)  # (c, V) alive
     return out.reshape(lead)
 
 
 # ----------------------------------------------------------------------------- per-position objectives
+# fn(student_logits (..., V), teacher_logits (..., V), targets (...), temperature=1.0) -> (...) fp32
 
-def kl_per_position(teacher_logits, student_logits, temperature=1.0):
+def kl_per_position(student_logits, teacher_logits, targets=None, temperature=1.0):
     """Forward KL(p || q) per row, fp32 (Hinton et al. 2015; the dense KD term of the paper).
 
     KL(p || q) = sum_v p(v) (log p(v) - log q(v)) with p = softmax(t / tau), q = softmax(s / tau):
     the true KL (it includes the teacher entropy term, so it is 0 iff p = q), multiplied by
-    tau^2 when tau != 1. (..., V), (..., V) -> (...).
+    tau^2. Classes with p = 0 contribute exactly 0. targets are unused.
     """
-    _check_temperature(temperature)
-    kl = _kl_logp(_logp(teacher_logits, temperature), _logp(student_logits, temperature))
-    return kl * temperature ** 2
+    lp, lq = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
+    return _kl_from_log_probs(lp, lq) * temperature ** 2
 
 
-def reverse_kl_per_position(teacher_logits, student_logits, temperature=1.0):
+def reverse_kl_per_position(student_logits, teacher_logits, targets=None, temperature=1.0):
     """Reverse KL(q || p) = sum_v q(v) (log q(v) - log p(v)) per row, fp32, times tau^2.
 
     The mode-seeking objective used for on-policy distillation (e.g. GKD, MiniLLM).
-    (..., V), (..., V) -> (...).
     """
-    _check_temperature(temperature)
-    kl = _kl_logp(_logp(student_logits, temperature), _logp(teacher_logits, temperature))
-    return kl * temperature ** 2
+    lp, lq = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
+    return _kl_from_log_probs(lq, lp) * temperature ** 2
 
 
-def ce_per_position(student_logits, targets):
-    """Cross-entropy -log q(y) per row (tau = 1 always). (..., V), (...) long -> (...) fp32."""
-    lq = _logp(student_logits)
-    return -lq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+def weighted_kd(student_logits, teacher_logits, targets=None, temperature=1.0):
+    """Weighted KD (paper Table 1): forward KL(p || q) per row; what makes it Weighted KD is its
+    policy: position weights proportional to the metric (selection.POLICIES['weighted'])."""
+    return kl_per_position(student_logits, teacher_logits, targets, temperature)
 
 
-def dkd_terms(teacher_logits, student_logits, targets, temperature=1.0):
+weighted_kd.policy = "weighted"  # read by policy_for
+
+
+def ce_per_position(student_logits, teacher_logits, targets, temperature=1.0):
+    """Cross-entropy -log q(y) per row at tau = 1 always (teacher and temperature are unused).
+
+    A target outside [0, V) (e.g. ignore_index -100) scores 0: callers mask it out.
+    """
+    lq = log_probs(student_logits)
+    V = lq.shape[-1]
+    inside = (targets >= 0) & (targets < V)
+    ce = -lq.gather(-1, targets.clamp(0, V - 1).long().unsqueeze(-1)).squeeze(-1)
+    return torch.where(inside, ce, 0.0)
+
+
+def dkd_terms(student_logits, teacher_logits, targets, temperature=1.0):
     """(TCKD, NCKD) per row of Decoupled KD (Zhao et al. 2022), fp32, each times tau^2.
 
     With b = [p(y), 1 - p(y)] the binary target/non-target split and p^ the teacher
@@ -179,38 +195,39 @@ def dkd_terms(teacher_logits, student_logits, targets, temperature=1.0):
     If the teacher puts all its mass on y, p^ is undefined and NCKD is set to 0 (its
     coefficient 1 - p(y) is 0 anyway). (..., V), (..., V), (...) -> (...), (...).
     """
-    _check_temperature(temperature)
-    lp = _logp(teacher_logits, temperature)  # (..., V)
-    lq = _logp(student_logits, temperature)  # (..., V)
+    lp, lq = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)  # (..., V)
     y = targets.unsqueeze(-1)
     lp_y, lq_y = lp.gather(-1, y).squeeze(-1), lq.gather(-1, y).squeeze(-1)  # (...)
     is_y = torch.zeros_like(lp, dtype=torch.bool).scatter_(-1, y, True)
-    lp_n = lp.masked_fill(is_y, float("-inf"))  # non-target log-probs, target removed
-    lq_n = lq.masked_fill(is_y, float("-inf"))
-    lp_not, lq_not = _logsumexp(lp_n), _logsumexp(lq_n)  # log(1 - p(y)), log(1 - q(y))
+    lp_rest = lp.masked_fill(is_y, float("-inf"))  # non-target log-probs, target removed
+    lq_rest = lq.masked_fill(is_y, float("-inf"))
+    lp_not, lq_not = _logsumexp(lp_rest), _logsumexp(lq_rest)  # log(1 - p(y)), log(1 - q(y))
     # binary KL; each of its two terms is 0 where the teacher's binary prob is 0
-    tckd = _kl_logp(torch.stack([lp_y, lp_not], -1), torch.stack([lq_y, lq_not], -1))
+    tckd = _kl_from_log_probs(torch.stack([lp_y, lp_not], -1), torch.stack([lq_y, lq_not], -1))
     # renormalised non-target distributions; guard rows where 1 - p(y) = 0 (all mass on y)
     has_rest = torch.isfinite(lp_not)
-    lp_hat = lp_n - torch.where(has_rest, lp_not, 0.0).unsqueeze(-1)
-    lq_hat = lq_n - torch.where(has_rest, lq_not, 0.0).unsqueeze(-1)
-    nckd = torch.where(has_rest, _kl_logp(lp_hat, lq_hat), 0.0)
-    t2 = temperature ** 2
-    return tckd * t2, nckd * t2
+    lp_hat = lp_rest - torch.where(has_rest, lp_not, 0.0).unsqueeze(-1)
+    lq_hat = lq_rest - torch.where(has_rest, lq_not, 0.0).unsqueeze(-1)
+    nckd = torch.where(has_rest, _kl_from_log_probs(lp_hat, lq_hat), 0.0)
+    return tckd * temperature ** 2, nckd * temperature ** 2
 
 
-def dkd_loss(teacher_logits, student_logits, targets, alpha=1.0, beta=8.0, temperature=1.0):
+def dkd_loss(student_logits, teacher_logits, targets, temperature=1.0, alpha=1.0, beta=8.0):
     """Decoupled KD per row: alpha * TCKD + beta * NCKD (Zhao et al. 2022), fp32.
 
     Unlike KL (= TCKD + (1 - p(y)) NCKD), NCKD is not suppressed on positions where the
     teacher is confident. Defaults alpha = 1, beta = 8 as in the DKD paper. See dkd_terms.
-    (..., V), (..., V), (...) -> (...).
     """
-    tckd, nckd = dkd_terms(teacher_logits, student_logits, targets, temperature)
+    tckd, nckd = dkd_terms(student_logits, teacher_logits, targets, temperature)
     return alpha * tckd + beta * nckd
 
 
 # ----------------------------------------------------------------------------- AT-KD
+
+def _atkd_uncertainty(teacher_logits, targets):
+    """1 - p_t(y) per row (teacher at tau = 1): AT-KD's ranking signal."""
+    return 1 - log_probs(teacher_logits).gather(-1, targets.unsqueeze(-1)).squeeze(-1).exp()
+
 
 def _atkd_row_coefs(unc, weights, hard_frac, lam):
     """Per-row coefficients of AT-KD given the uncertainty (N,) and row weights (N,).
@@ -222,22 +239,35 @@ def _atkd_row_coefs(unc, weights, hard_frac, lam):
     with L = sum_n coef_n * l_n, where l_n = NCKD_n for easy rows and TCKD_n + NCKD_n for hard ones.
     """
     n = unc.shape[0]
-    n_hard = min(n, math.ceil(hard_frac * n))
     order = torch.sort(unc, descending=True, stable=True).indices
     hard = torch.zeros(n, dtype=torch.bool, device=unc.device)
-    hard[order[:n_hard]] = True
+    hard[order[:min(n, math.ceil(hard_frac * n))]] = True
     w = weights.float()
-    w_hard = (w * hard).sum()
-    w_easy = (w * ~hard).sum()
-    total = w.sum()
+    w_hard, w_easy = (w * hard).sum(), (w * ~hard).sum()
     # clamp only guards the 0/0 of an empty group: then every w_n in it is 0 and so is coef_n
-    coef = torch.where(hard, (1 - lam) * w / w_hard.clamp_min(1e-30),
-                       lam * w / w_easy.clamp_min(1e-30)) * total
-    return coef, hard
+    coef = torch.where(hard, (1 - lam) * w / w_hard.clamp_min(1e-30), lam * w / w_easy.clamp_min(1e-30))
+    return coef * w.sum(), hard
 
 
-def atkd_loss(teacher_logits, student_logits, targets, valid, hard_frac=0.5, lam=0.2):
-    """AT-KD (Zhong et al. 2024, "Revisiting KD for Autoregressive LMs"), scalar fp32.
+def atkd_per_position(student_logits, teacher_logits, targets, temperature=1.0, hard=None):
+    """AT-KD's per-row term (Zhong et al. 2024): l = NCKD on easy rows, TCKD + NCKD on hard ones.
+
+    hard (N,) bool marks the hard rows; None ranks the rows given here (the top half by 1 - p_t(y)).
+    Its group means need every row first: head_loss sees `ranks_rows` and runs one no-grad pass
+    that ranks all rows and turns the weights into group-mean coefficients (_atkd_row_coefs).
+    """
+    if hard is None:
+        unc = _atkd_uncertainty(teacher_logits, targets)
+        hard = _atkd_row_coefs(unc, torch.ones_like(unc), 0.5, 0.2)[1]
+    tckd, nckd = dkd_terms(student_logits, teacher_logits, targets, temperature)
+    return nckd + hard * tckd
+
+
+atkd_per_position.ranks_rows = True  # read by head_loss
+
+
+def atkd_loss(student_logits, teacher_logits, targets, valid, hard_frac=0.5, lam=0.2):
+    """AT-KD (Zhong et al. 2024, "Revisiting KD for Autoregressive LMs"), scalar fp32 (dense reference).
 
     The uncertainty of a position is 1 - p_t(y_t) (teacher at tau = 1). Among the valid
     positions, the top ceil(hard_frac * n_valid) by uncertainty are *hard*, the rest *easy*.
@@ -248,76 +278,83 @@ def atkd_loss(teacher_logits, student_logits, targets, valid, hard_frac=0.5, lam
     Normalisation: each group is averaged over its own positions (mean over easy, mean over
     hard), then L = lam * L_easy + (1 - lam) * L_hard, so lam sets the relative weight of
     the groups regardless of their sizes. An empty group contributes 0 (no renormalisation).
-    teacher/student (..., V), targets (...), valid (...) bool -> scalar.
+    student/teacher (..., V), targets (...), valid (...) bool -> scalar.
     """
     valid = valid.bool()
-    t, s, y = teacher_logits[valid], student_logits[valid], targets[valid]  # (n, V), (n, V), (n,)
-    unc = 1 - _logp(t).gather(-1, y.unsqueeze(-1)).squeeze(-1).exp()  # (n,)
+    s, t, y = student_logits[valid], teacher_logits[valid], targets[valid]  # (n, V), (n, V), (n,)
+    unc = _atkd_uncertainty(t, y)  # (n,)
     coef, hard = _atkd_row_coefs(unc, torch.ones_like(unc), hard_frac, lam)
     coef = coef / max(1, unc.shape[0])  # W = n_valid above; the group means need W = 1
-    tckd, nckd = dkd_terms(t, s, y)
-    return (coef * (nckd + hard * tckd)).sum()
+    return (coef * atkd_per_position(s, t, y, hard=hard)).sum()
 
 
 # ----------------------------------------------------------------------------- RS-KD (class axis)
 
-@torch.no_grad()
-def sample_classes(teacher_logits, U, generator=None, temperature=1.0, chunk_size=1024):
-    """Draw U classes per row from p = softmax(teacher_logits / tau), with replacement.
+def rs_uniforms(seed, sample_ids, seq_len, U):
+    """The uniforms of RS-KD's class draws: (B, seq_len, U) float64 on the CPU.
 
-    teacher_logits (N, V) -> ids (N, U) long, probs (N, U) fp32 with probs = count / U of each
-    unique drawn id (so each row sums to 1 and E[probs of v] = p(v)). Rows with fewer than U
-    unique ids are padded with id 0 / prob 0. Classes with -inf logits are never drawn; a row
-    whose logits are all -inf is an error.
-    Sampling is by inverse CDF: U uniforms per row come from `generator` on *its* device (a CPU
-    generator works for CUDA logits, and the draws do not depend on the logits' device), and
-    class v is drawn when cdf(v-1) <= u * cdf(V) < cdf(v). p and its cdf are built chunk_size
-    rows at a time, so no (N, V) temporary exists besides the caller's logits.
+    Sample b's (seq_len, U) block comes from common.generator(seed, "rs-kd", sample_ids[b]) alone,
+    so the classes drawn at a position depend on (seed, sample id, position) only, never on the
+    batch, the selection, the rank or a resume: online RS-KD and the cache build draw the same.
     """
-    if U < 1:
-        raise ValueError(f"U (classes per position) must be >= 1, got {U}")
-    if teacher_logits.dim() != 2:
-        raise ValueError(f"teacher_logits must be (N, V), got {tuple(teacher_logits.shape)}")
+    blocks = [torch.rand(seq_len, U, dtype=torch.float64, generator=common.generator(seed, "rs-kd", int(i)))
+              for i in sample_ids]
+    return torch.stack(blocks) if blocks else torch.empty(0, seq_len, U, dtype=torch.float64)
+
+
+@torch.no_grad()
+def sample_classes(teacher_logits, uniforms, temperature=1.0, chunk_size=1024):
+    """Draw U = uniforms.shape[1] classes per row from p = softmax(teacher_logits / tau), with replacement.
+
+    teacher_logits (N, V), uniforms (N, U) in [0, 1) (rs_uniforms; moved to the logits' device)
+    -> ids (N, U) long, counts (N, U) int32, on the logits' device: the unique drawn ids
+    (ascending) first, each with how often it was drawn; padding id 0 / count 0 after them.
+    The RS-KD target is p~(v) = count(v) / U, an unbiased estimate of p(v) (E[count] = U p(v)).
+    Inverse CDF: draw u is class v when cdf(v-1) <= u * cdf(V) < cdf(v). p is fp32 (log_probs),
+    its cdf is summed in fp64 (a V-long fp32 sum drifts), chunk_size rows at a time. A class
+    with p = 0 (a -inf logit) is never drawn; a row with no finite logit is an error.
+    """
+    if teacher_logits.dim() != 2 or uniforms.dim() != 2 or uniforms.shape[0] != teacher_logits.shape[0]:
+        raise ValueError(f"teacher_logits must be (N, V) and uniforms (N, U), got "
+                         f"{tuple(teacher_logits.shape)} and {tuple(uniforms.shape)}")
+    if uniforms.shape[1] < 1:
+        raise ValueError("uniforms must hold U >= 1 draws per row")
     _check_temperature(temperature)
     N, V = teacher_logits.shape
-    dev = teacher_logits.device
-    u = torch.rand(N, U, generator=generator,
-                   device=generator.device if generator is not None else dev).to(dev)  # (N, U)
-    draws = torch.empty(N, U, dtype=torch.long, device=dev)
+    uniforms = uniforms.to(teacher_logits.device, torch.float64)
+    draws = torch.empty(uniforms.shape, dtype=torch.long, device=teacher_logits.device)  # (N, U)
     for i in range(0, N, chunk_size):
-        p = _logp(teacher_logits[i:i + chunk_size], temperature).exp()  # (c, V)
-        cdf = p.cumsum(-1)  # (c, V), non-decreasing; flat over classes with p = 0
+        p = log_probs(teacher_logits[i:i + chunk_size], temperature).exp()  # (c, V) fp32
+        cdf = p.cumsum(-1, dtype=torch.float64)  # (c, V), flat over classes with p = 0
         total = cdf[:, -1:]  # (c, 1), 1 up to rounding
         if not torch.isfinite(total).all():
             raise ValueError("teacher_logits has a row with no finite logit")
         # right=True: the first class whose cdf exceeds x, never one with p = 0 (its cdf equals
-        # its predecessor's); the min() guards x rounding up to the total
-        idx = torch.searchsorted(cdf, u[i:i + chunk_size] * total, right=True)  # (c, U)
+        # its predecessor's); the minimum guards x rounding up to the total
+        idx = torch.searchsorted(cdf, uniforms[i:i + chunk_size] * total, right=True)  # (c, U)
         last = V - 1 - (p > 0).flip(-1).int().argmax(-1, keepdim=True)  # last class with p > 0
         draws[i:i + chunk_size] = torch.minimum(idx, last)
-    s = draws.sort(dim=-1).values
-    new = torch.ones_like(s, dtype=torch.bool)
-    new[:, 1:] = s[:, 1:] != s[:, :-1]  # first occurrence of each id in the sorted row
-    slot = new.long().cumsum(-1) - 1  # (N, U) output slot of every draw
-    counts = torch.zeros(s.shape, dtype=torch.float32, device=s.device).scatter_add_(
-        -1, slot, torch.ones_like(s, dtype=torch.float32))
-    ids = torch.zeros_like(s).scatter_(-1, slot, s)  # duplicates write the same id
-    return ids, counts / U
+    drawn = draws.sort(dim=-1).values
+    first = torch.ones_like(drawn, dtype=torch.bool)
+    first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]  # first occurrence of each id in the sorted row
+    slot = first.long().cumsum(-1) - 1  # (N, U) output slot of every draw
+    counts = torch.zeros(drawn.shape, dtype=torch.int32, device=drawn.device).scatter_add_(
+        -1, slot, torch.ones_like(drawn, dtype=torch.int32))
+    ids = torch.zeros_like(drawn).scatter_(-1, slot, drawn)  # duplicates write the same id
+    return ids, counts
 
 
 def rs_kd_loss(student_logits, ids, probs, temperature=1.0):
     """RS-KD loss per row with a sparse teacher target (random-sampling KD).
 
-        l = sum_u p~(v_u) (log p~(v_u) - log q(v_u))
+        l = tau^2 * sum_u p~(v_u) (log p~(v_u) - log q(v_u)),   p~ = count / U
 
-    with q the *full-vocabulary* student softmax (at tau, times tau^2 like the other KD
-    terms; the teacher sample should then come from sample_classes(..., temperature=tau)).
-    Entries with prob 0 are padding and contribute 0. Its gradient w.r.t. the student logits,
-    q - p~, is an unbiased estimate of that of KL(p || q) when p~ = sample_classes(p).
-    student_logits (N, V), ids (N, U) long, probs (N, U) -> (N,) fp32.
+    with q = softmax(s / tau) the *full-vocabulary* student softmax (the teacher sample should
+    come from sample_classes(..., temperature=tau)). Entries with prob 0 are padding and
+    contribute 0. Its gradient w.r.t. the student logits, tau (q - p~), is an unbiased estimate
+    of that of tau^2 KL(p || q). student_logits (N, V), ids (N, U) long, probs (N, U) -> (N,) fp32.
     """
-    _check_temperature(temperature)
-    lq = _logp(student_logits, temperature).gather(-1, ids)  # (N, U)
+    lq = log_probs(student_logits, temperature).gather(-1, ids)  # (N, U)
     pr = probs.float()
     keep = pr > 0
     diff = torch.where(keep, pr.clamp_min(1e-38).log(), 0.0) - torch.where(keep, lq, 0.0)
@@ -329,11 +366,11 @@ def rs_kd_loss(student_logits, ids, probs, temperature=1.0):
 def normalise_by_samples(weights):
     """weights (B, T) -> weights / |I|, I = sequences with any weight > 0 (paper Eq. 3-5).
 
-    This is the per-row weight `head_loss` expects (gather it with the same mask as the
-    hidden states). With no selected sequence the weights (all 0) are returned unchanged.
+    The one per-sequence normalisation: the step loss is a mean over *sequences* (not over
+    selected tokens). This is the per-row weight `head_loss` expects (gather it with the same
+    mask as the hidden states). With no selected sequence the weights (all 0) come back as they are.
     """
-    n = (weights > 0).any(-1).sum().clamp_min(1)
-    return weights / n
+    return weights / (weights > 0).any(-1).sum().clamp_min(1)
 
 
 def selective_kd_loss(kd, weights, ce=None, lam=1.0):
@@ -377,7 +414,7 @@ class DenseTeacher:
 
 @dataclass
 class SparseTeacher:
-    """RS-KD teacher target: ids (N, U) long, probs (N, U) float, probs == 0 is padding.
+    """RS-KD teacher target: ids (N, U) long, probs (N, U) float = counts / U, probs == 0 is padding.
 
     From the offline cache (cache.py) or from sample_classes on live teacher logits.
     """
@@ -440,7 +477,44 @@ def _run_chunks(h, W, chunk_loss, chunk_size, need_h=False, need_W=False):
     return total, gh, gW
 
 
-HEAD_LOSSES = ("kl", "reverse_kl", "dkd", "atkd", "ce")
+def _check_head_inputs(student_hidden, student_head, targets, weights, teacher, loss, lam, chunk_size):
+    if loss not in LOSSES:
+        raise ValueError(f"--loss must be one of {sorted(LOSSES)}, got {loss!r}")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"--lam must be in [0, 1], got {lam}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if student_hidden.dim() != 2 or student_head.dim() != 2 \
+            or student_hidden.shape[1] != student_head.shape[1]:
+        raise ValueError(f"student_hidden (N, d) and student_head (V, d) mismatch: "
+                         f"{tuple(student_hidden.shape)} vs {tuple(student_head.shape)}")
+    N, V = student_hidden.shape[0], student_head.shape[0]
+    if targets.shape != (N,) or weights.shape != (N,):
+        raise ValueError(f"targets and weights must be ({N},), got {tuple(targets.shape)} "
+                         f"and {tuple(weights.shape)}")
+    if N and (targets.min() < 0 or targets.max() >= V):
+        raise ValueError(f"targets must be in [0, {V}) (padding rows must not be selected)")
+    if lam == 0:
+        return
+    if isinstance(teacher, SparseTeacher):
+        if not supports_rs_kd(loss):
+            raise ValueError(f"--loss {loss} needs full teacher logits; "
+                             "a sparse (RS-KD) teacher only supports forward KL (--loss kl or weighted)")
+        if teacher.ids.shape[0] != N or teacher.probs.shape != teacher.ids.shape:
+            raise ValueError(f"SparseTeacher ids/probs must both be ({N}, U), got "
+                             f"{tuple(teacher.ids.shape)} and {tuple(teacher.probs.shape)}")
+        if N and (teacher.ids.min() < 0 or teacher.ids.max() >= V):
+            raise ValueError(f"SparseTeacher ids must be in [0, {V})")
+    elif isinstance(teacher, DenseTeacher):
+        if teacher.hidden.dim() != 2 or teacher.hidden.shape[0] != N \
+                or teacher.head.shape != (V, teacher.hidden.shape[1]):
+            raise ValueError(f"DenseTeacher hidden must be ({N}, d_t) and head ({V}, d_t) "
+                             f"(same vocabulary as the student; slice a padded head to {V}), "
+                             f"got {tuple(teacher.hidden.shape)} and {tuple(teacher.head.shape)}")
+    elif teacher is None:
+        raise ValueError("teacher is None but --lam > 0 needs a teacher")
+    else:
+        raise ValueError(f"teacher must be DenseTeacher or SparseTeacher, got {type(teacher).__name__}")
 
 
 def head_loss(student_hidden, student_head, targets, weights, teacher, loss="kl",
@@ -455,12 +529,12 @@ def head_loss(student_hidden, student_head, targets, weights, teacher, loss="kl"
     rows already divided by the number of sequences with any weight (normalise_by_samples),
     so L is exactly Eq. 3-5. lam is the KD weight; ce_n = -log q(y_n) at tau = 1.
 
-    teacher: DenseTeacher(hidden (N, d_t), head (V, d_t)) -> kd_n = PER_POSITION[loss] at tau
+    teacher: DenseTeacher(hidden (N, d_t), head (V, d_t)) -> kd_n = LOSSES[loss] at tau
     (teacher logits per chunk, no grad), or SparseTeacher(ids, probs) -> kd_n = rs_kd_loss
-    (then `loss` must be 'kl'), or None when lam == 0 (pure CE).
+    (forward KL only, see supports_rs_kd), or None when lam == 0 (pure CE).
 
-    loss in HEAD_LOSSES. 'atkd': a first chunked no-grad pass computes p_t(y) for every row;
-    the top ceil(hard_frac * N) rows by 1 - p_t(y) are hard (tau = 1 for the ranking). The
+    A loss marked `ranks_rows` (AT-KD): a first chunked no-grad pass computes p_t(y) for every
+    row; the top ceil(hard_frac * N) rows by 1 - p_t(y) are hard (tau = 1 for the ranking). The
     weights act inside each group as a weighted mean (sum_g w_n l_n / sum_g w_n, so the
     selection policy's relative weights are kept), and the two group means are combined as
     atkd_lam * easy + (1 - atkd_lam) * hard, then multiplied by W = sum_n w_n so the KD term
@@ -470,78 +544,38 @@ def head_loss(student_hidden, student_head, targets, weights, teacher, loss="kl"
     (see _FusedHead). Returns an fp32 scalar; with N = 0 it is a 0 still connected to
     student_head/student_hidden, so backward() works and gives zero grads.
     """
-    if loss not in HEAD_LOSSES and loss not in PER_POSITION:  # a new PER_POSITION entry works as is
-        raise ValueError(f"--loss must be one of {sorted(set(HEAD_LOSSES) | set(PER_POSITION))}, got {loss!r}")
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"--lam must be in [0, 1], got {lam}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_head_inputs(student_hidden, student_head, targets, weights, teacher, loss, lam, chunk_size)
     _check_temperature(temperature)
-    if student_hidden.dim() != 2 or student_head.dim() != 2 \
-            or student_hidden.shape[1] != student_head.shape[1]:
-        raise ValueError(f"student_hidden (N, d) and student_head (V, d) mismatch: "
-                         f"{tuple(student_hidden.shape)} vs {tuple(student_head.shape)}")
-    N, V = student_hidden.shape[0], student_head.shape[0]
-    if targets.shape != (N,) or weights.shape != (N,):
-        raise ValueError(f"targets and weights must be ({N},), got {tuple(targets.shape)} "
-                         f"and {tuple(weights.shape)}")
-    if N and (targets.min() < 0 or targets.max() >= V):
-        raise ValueError(f"targets must be in [0, {V}) (padding rows must not be selected)")
-    use_kd = lam > 0
-    if use_kd:
-        if teacher is None:
-            raise ValueError("teacher is None but --lam > 0 needs a teacher")
-        if isinstance(teacher, SparseTeacher):
-            if loss != "kl":
-                raise ValueError(f"--loss {loss} needs full teacher logits; "
-                                 "a sparse (RS-KD) teacher only supports --loss kl")
-            if teacher.ids.shape[0] != N or teacher.probs.shape != teacher.ids.shape:
-                raise ValueError(f"SparseTeacher ids/probs must both be ({N}, U), got "
-                                 f"{tuple(teacher.ids.shape)} and {tuple(teacher.probs.shape)}")
-            if N and (teacher.ids.min() < 0 or teacher.ids.max() >= V):
-                raise ValueError(f"SparseTeacher ids must be in [0, {V})")
-        elif isinstance(teacher, DenseTeacher):
-            if teacher.hidden.dim() != 2 or teacher.hidden.shape[0] != N \
-                    or teacher.head.shape != (V, teacher.hidden.shape[1]):
-                raise ValueError(f"DenseTeacher hidden must be ({N}, d_t) and head ({V}, d_t) "
-                                 f"(same vocabulary as the student; slice a padded head to {V}), "
-                                 f"got {tuple(teacher.hidden.shape)} and {tuple(teacher.head.shape)}")
-        else:
-            raise ValueError(f"teacher must be DenseTeacher or SparseTeacher, got {type(teacher).__name__}")
+    N = student_hidden.shape[0]
+    kd_fn = LOSSES[loss]
 
-    def teacher_logits(i0, i1):  # (c, V) fp32, no grad
+    def teacher_chunk(i0, i1):  # (c, V) fp32 teacher logits, no grad
         with torch.no_grad():
             th = teacher.hidden[i0:i1].detach()
             return (th @ teacher.head.detach().to(th.dtype).T).float()
 
     w = weights.detach().float()
-    kd_coef = lam * w  # (N,)
-    hard = None
-    if use_kd and loss == "atkd":
-        unc = torch.empty(N, dtype=torch.float32, device=w.device)
-        for i0 in range(0, N, chunk_size):
-            i1 = min(N, i0 + chunk_size)
-            lp = _logp(teacher_logits(i0, i1))
-            unc[i0:i1] = 1 - lp.gather(-1, targets[i0:i1, None]).squeeze(-1).exp()
+    kd_coef, ce_coef, hard = lam * w, (1 - lam) * w, None  # (N,), (N,)
+    if lam > 0 and getattr(kd_fn, "ranks_rows", False) and isinstance(teacher, DenseTeacher):
+        unc = torch.cat([_atkd_uncertainty(teacher_chunk(i0, i0 + chunk_size), targets[i0:i0 + chunk_size])
+                         for i0 in range(0, N, chunk_size)] or [w.new_zeros(0)])
         coef, hard = _atkd_row_coefs(unc, w, hard_frac, atkd_lam)
         kd_coef = lam * coef
-    ce_coef = (1 - lam) * w
 
     def chunk_loss(i0, i1, z):  # z (c, V) fp32 student logits -> scalar
         y = targets[i0:i1]
         out = z.new_zeros(())
-        if use_kd:
+        if lam > 0:
             if isinstance(teacher, SparseTeacher):
                 kd = rs_kd_loss(z, teacher.ids[i0:i1], teacher.probs[i0:i1], temperature)
-            elif loss == "atkd":
-                tckd, nckd = dkd_terms(teacher_logits(i0, i1), z, y, temperature)
-                kd = nckd + hard[i0:i1] * tckd
+            elif hard is not None:
+                kd = kd_fn(z, teacher_chunk(i0, i1), y, temperature, hard=hard[i0:i1])
             else:
-                kd = PER_POSITION[loss](teacher_logits(i0, i1), z, y, temperature)
+                kd = kd_fn(z, teacher_chunk(i0, i1), y, temperature)
             # `where`, not a product, so a 0-weight row with an infinite loss adds nothing
             out = out + torch.where(kd_coef[i0:i1] > 0, kd_coef[i0:i1] * kd, 0.0).sum()
         if lam < 1:
-            ce = ce_per_position(z, y)
+            ce = ce_per_position(z, None, y)
             out = out + torch.where(ce_coef[i0:i1] > 0, ce_coef[i0:i1] * ce, 0.0).sum()
         return out
 
@@ -550,39 +584,25 @@ def head_loss(student_hidden, student_head, targets, weights, teacher, loss="kl"
     return _run_chunks(student_hidden, student_head, chunk_loss, chunk_size)[0]
 
 
-# ----------------------------------------------------------------------------- registries
+# ----------------------------------------------------------------------------- the loss registry
 
-def _kl(teacher_logits, student_logits, targets, temperature=1.0):
-    return kl_per_position(teacher_logits, student_logits, temperature)
-
-
-def _reverse_kl(teacher_logits, student_logits, targets, temperature=1.0):
-    return reverse_kl_per_position(teacher_logits, student_logits, temperature)
+def policy_for(loss_name, policy):
+    """The selection policy a run with --loss loss_name uses: the loss's own `policy` marker
+    (Weighted KD -> 'weighted') or else --policy."""
+    return getattr(LOSSES[loss_name], "policy", policy)
 
 
-def _dkd(teacher_logits, student_logits, targets, temperature=1.0):
-    return dkd_loss(teacher_logits, student_logits, targets, temperature=temperature)
+def supports_rs_kd(loss_name):
+    """Whether --loss loss_name can train on a sparse RS-KD target (rs_kd_loss estimates forward KL)."""
+    return LOSSES.get(loss_name) in (kl_per_position, weighted_kd)
 
 
-def _ce(teacher_logits, student_logits, targets, temperature=1.0):
-    return ce_per_position(student_logits, targets)  # teacher (may be None) and tau unused
-
-
-# fn(teacher_logits (N, V), student_logits (N, V), targets (N,), temperature=1.0) -> (N,) fp32
-PER_POSITION = {
-    "kl": _kl,                  # forward KL(p || q)
-    "reverse_kl": _reverse_kl,  # KL(q || p)
-    "dkd": _dkd,                # alpha=1 * TCKD + beta=8 * NCKD
-    "ce": _ce,                  # -log q(y), ignores the teacher
-}
-
-# `--loss NAME` -> what train.py does: `head` is the head_loss objective on the selected rows;
-# `policy` (optional) overrides --policy, e.g. Weighted KD = forward KL with weights proportional to
-# the position metric (selection.POLICIES['weighted'], Table 1). A new loss is one line here.
+# `--loss NAME`: fn(student_logits, teacher_logits, targets, temperature=1.0) -> (N,) fp32.
+# A new loss is one function plus one line here.
 LOSSES = {
-    "kl": {"head": "kl"},                                # Full / selective KD, forward KL(p || q)
-    "weighted": {"head": "kl", "policy": "weighted"},    # Weighted KD
-    "atkd": {"head": "atkd"},                            # AT-KD (Zhong et al. 2024)
-    "dkd": {"head": "dkd"},                              # Decoupled KD (Zhao et al. 2022)
-    "reverse_kl": {"head": "reverse_kl"},                # on-policy distillation (Table 5)
+    "kl": kl_per_position,                  # Full / selective KD, forward KL(p || q)
+    "weighted": weighted_kd,                # Weighted KD: forward KL, weights proportional to the metric
+    "reverse_kl": reverse_kl_per_position,  # KL(q || p), on-policy distillation (Table 5)
+    "dkd": dkd_loss,                        # Decoupled KD (Zhao et al. 2022): 1 * TCKD + 8 * NCKD
+    "atkd": atkd_per_position,              # AT-KD (Zhong et al. 2024), group means via head_loss
 }

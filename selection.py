@@ -34,8 +34,9 @@ A selective KD run is metric + policy:
    product is 7.000000000000001), and any non-empty sequence gets at least one position.
 
 3. Sample selection keeps the ceil(l * N) samples with the highest score s_i, where s_i is the mean
-   of a metric over the valid positions of sample i, computed by a frozen student (``sample_scores``)
-   without ever materialising the (B, T, V) logits (``chunked_scores``, the paper's efficiency point).
+   of a metric over the valid positions of sample i (the CE ratio: L_s(x) / L_t(x); random: one
+   uniform per sample), computed by a frozen student (``sample_scores``) without ever materialising
+   the (B, T, V) logits (``chunked_scores``, the paper's efficiency point).
 
 Shapes: B batch, T positions, V vocabulary, d hidden size, N samples.
 """
@@ -44,6 +45,9 @@ import math
 from fractions import Fraction
 
 import torch
+
+import common
+import losses
 
 # ---------------------------------------------------------------------------------------------
 # small helpers
@@ -89,7 +93,10 @@ def _check_policy_inputs(scores, valid):
 
 
 def _normalise(sel, valid):
-    """Hard mask (B, T) -> weights 1/count on each selected valid position; zero rows stay zero."""
+    """Hard mask (B, T) -> weights 1/count on each selected valid position; zero rows stay zero.
+
+    This is Eq. 4's within-sequence mean (1 / sum_t m_t); the mean over sequences is
+    losses.normalise_by_samples, applied later to the weights of the whole batch."""
     sel = sel & valid
     cnt = sel.sum(-1, keepdim=True).clamp(min=1)  # clamp: an empty row is 0/1 = 0, not 0/0
     return sel.float() / cnt
@@ -120,16 +127,14 @@ def _rand(shape, device, generator):
     return torch.rand(shape, generator=generator, device=d).to(device)
 
 
-def batch_mean(weights, losses):
+def batch_mean(weights, position_losses):
     """Eq. 4 batch loss: mean over sequences with any weight of sum_t w[b, t] * l[b, t].
 
     Rows with no weight (no valid / no selected position) are left out of the mean; an all-empty
-    batch gives 0, never NaN. weights, losses: (B, T) -> scalar float32.
+    batch gives 0, never NaN. weights, position_losses: (B, T) -> scalar float32.
+    (= losses.selective_kd_loss, which uses losses.normalise_by_samples.)
     """
-    l = torch.where(weights > 0, losses.float(), torch.zeros_like(losses, dtype=torch.float32))
-    per_seq = (weights * l).sum(-1)  # (B,)
-    rows = (weights > 0).any(-1).sum().clamp(min=1)
-    return per_seq.sum() / rows
+    return losses.selective_kd_loss(position_losses, weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,14 +145,15 @@ def batch_mean(weights, losses):
 CE_EPS = 1e-6
 
 
-def _logprobs(logits, name, targets):
+def _checked(logits, name, targets):
+    """The logits a metric reads, detached, after checking them against the targets."""
     if logits is None:
         raise ValueError(f"{name} is required by this metric, got None")
     if not torch.is_floating_point(logits):
         raise ValueError(f"{name} must be a float tensor, got {logits.dtype}")
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"{name} {tuple(logits.shape)} must be targets {tuple(targets.shape)} + (V,)")
-    return torch.log_softmax(logits.detach().float(), dim=-1)  # (..., V) fp32
+    return logits.detach()
 
 
 def _check_targets(targets):
@@ -156,70 +162,52 @@ def _check_targets(targets):
     return targets.detach()
 
 
-def _entropy(logp):
-    # H = -sum_v p_v log p_v, with 0 log 0 = 0 (a -inf logit must not give 0 * -inf = NaN)
-    p = logp.exp()
-    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
-
-
-def _kl(logp, logq):
-    # KL(p || q) = sum_v p_v (log p_v - log q_v), summed over the support of p only
-    p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
-
-
-def _ce(logp, targets):
-    # -log p(y); a target outside [0, V) (e.g. ignore_index -100) scores 0: callers mask it by `valid`
-    V = logp.shape[-1]
-    ok = (targets >= 0) & (targets < V)
-    idx = targets.clamp(0, V - 1).long().unsqueeze(-1)
-    ce = -logp.gather(-1, idx).squeeze(-1)
-    return torch.where(ok, ce, torch.zeros_like(ce))
-
-
 def _both(student_logits, teacher_logits, targets):
     targets = _check_targets(targets)
-    logq = _logprobs(student_logits, "student_logits", targets)
-    logp = _logprobs(teacher_logits, "teacher_logits", targets)
-    if logq.shape != logp.shape:
-        raise ValueError(f"student and teacher vocabularies differ: {logq.shape[-1]} vs {logp.shape[-1]}")
-    return logq, logp, targets
+    s = _checked(student_logits, "student_logits", targets)
+    t = _checked(teacher_logits, "teacher_logits", targets)
+    if s.shape[-1] != t.shape[-1]:
+        raise ValueError(f"student and teacher vocabularies differ: {s.shape[-1]} vs {t.shape[-1]}")
+    return s, t, targets
+
+
+def _ce(logits, targets):
+    # -log p(y); a target outside [0, V) (e.g. ignore_index -100) scores 0: callers mask it by `valid`
+    return losses.ce_per_position(logits, None, targets)
 
 
 def student_entropy(student_logits, teacher_logits, targets, generator=None):
     """Student entropy H(q_t) = -sum_v q_t(v) log q_t(v) (Table 1; SE-KD's signal)."""
     targets = _check_targets(targets)
-    return _entropy(_logprobs(student_logits, "student_logits", targets))
+    return losses.entropy(_checked(student_logits, "student_logits", targets))
 
 
 def teacher_entropy(student_logits, teacher_logits, targets, generator=None):
     """Teacher entropy H(p_t) = -sum_v p_t(v) log p_t(v) (Table 1)."""
     targets = _check_targets(targets)
-    return _entropy(_logprobs(teacher_logits, "teacher_logits", targets))
+    return losses.entropy(_checked(teacher_logits, "teacher_logits", targets))
 
 
 def student_ce(student_logits, teacher_logits, targets, generator=None):
     """Student cross-entropy CE_s = -log q_t(y_t) (Table 1)."""
     targets = _check_targets(targets)
-    return _ce(_logprobs(student_logits, "student_logits", targets), targets)
+    return _ce(_checked(student_logits, "student_logits", targets), targets)
 
 
 def teacher_ce(student_logits, teacher_logits, targets, generator=None):
     """Teacher cross-entropy CE_t = -log p_t(y_t) (Table 1)."""
     targets = _check_targets(targets)
-    return _ce(_logprobs(teacher_logits, "teacher_logits", targets), targets)
+    return _ce(_checked(teacher_logits, "teacher_logits", targets), targets)
 
 
 def kl(student_logits, teacher_logits, targets, generator=None):
     """Forward KL(p_t || q_t) = sum_v p_t(v) log(p_t(v) / q_t(v)), the per-position KD loss (Table 1)."""
-    logq, logp, _ = _both(student_logits, teacher_logits, targets)
-    return _kl(logp, logq)
+    return losses.kl_per_position(*_both(student_logits, teacher_logits, targets))
 
 
 def reverse_kl(student_logits, teacher_logits, targets, generator=None):
     """Reverse KL(q_t || p_t) = sum_v q_t(v) log(q_t(v) / p_t(v)) (Table 1)."""
-    logq, logp, _ = _both(student_logits, teacher_logits, targets)
-    return _kl(logq, logp)
+    return losses.reverse_kl_per_position(*_both(student_logits, teacher_logits, targets))
 
 
 def kl_student_entropy(student_logits, teacher_logits, targets, generator=None):
@@ -227,22 +215,22 @@ def kl_student_entropy(student_logits, teacher_logits, targets, generator=None):
 
     No term is rescaled: both are in nats, and rescaling would be a different metric from the paper's.
     """
-    logq, logp, _ = _both(student_logits, teacher_logits, targets)
-    return _kl(logp, logq) + _entropy(logq)
+    s, t, targets = _both(student_logits, teacher_logits, targets)
+    return losses.kl_per_position(s, t) + losses.entropy(s)
 
 
 def ce_ratio(student_logits, teacher_logits, targets, generator=None):
     """CE ratio CE_s / CE_t = log q_t(y_t) / log p_t(y_t) (Table 1): high where the student is far
     worse on the target than the teacher. Guard: the denominator is clamped to >= CE_EPS (1e-6)."""
-    logq, logp, targets = _both(student_logits, teacher_logits, targets)
-    return _ce(logq, targets) / _ce(logp, targets).clamp(min=CE_EPS)
+    s, t, targets = _both(student_logits, teacher_logits, targets)
+    return _ce(s, targets) / _ce(t, targets).clamp(min=CE_EPS)
 
 
 def ce_ratio_student_entropy(student_logits, teacher_logits, targets, generator=None):
     """CE ratio + student entropy: CE_s / max(CE_t, 1e-6) + H(q_t), a plain sum as in Table 1
     (no normalisation of either term)."""
-    logq, logp, targets = _both(student_logits, teacher_logits, targets)
-    return _ce(logq, targets) / _ce(logp, targets).clamp(min=CE_EPS) + _entropy(logq)
+    s, t, targets = _both(student_logits, teacher_logits, targets)
+    return _ce(s, targets) / _ce(t, targets).clamp(min=CE_EPS) + losses.entropy(s)
 
 
 def random_metric(student_logits, teacher_logits, targets, generator=None):
@@ -304,9 +292,13 @@ def curriculum(scores, valid, k, progress=None, **kw):
     """Curriculum: a window of K_b = ceil(k * n_b) positions over the score-sorted valid positions,
     sliding from the easiest (lowest scores) at progress 0 to the hardest (highest) at progress 1.
 
-    With positions sorted ascending (rank a = 0 .. n_b - 1) the window is a in [start, start + K_b),
-    start = round(progress * (n_b - K_b)). The order is top_k's reversed, so progress=1 equals top_k
-    exactly (ties: earlier position counts as harder).
+    The paper's arithmetic: progress = step / curriculum_steps (clamped to 1 after the curriculum;
+    SELECTION_CURRICULUM_STEPS = 4000 in the paper) and, with positions sorted ascending
+    (rank a = 0 .. n_b - 1), the window a in [start, start + K_b) with
+        start = floor(progress * (n_b - K_b)).
+    progress is read as the exact decimal it prints as (like k), so 0.29 * 100 floors to 29, not 28.
+    The order is top_k's reversed, so progress=1 equals top_k exactly (ties: earlier position
+    counts as harder).
     """
     s, valid = _check_policy_inputs(scores, valid)
     if progress is None:
@@ -317,7 +309,8 @@ def curriculum(scores, valid, k, progress=None, **kw):
     K = num_selected(valid, k)[:, None]  # (B, 1)
     n = valid.sum(-1, keepdim=True).long()  # (B, 1)
     asc = n - 1 - _rank_desc(s, valid)  # ascending rank; valid positions get 0 .. n_b - 1
-    start = torch.floor(p * (n - K).float() + 0.5).long()  # round half up, in [0, n_b - K_b]
+    num, den = _fraction(p)
+    start = (n - K) * num // den  # floor(progress * (n_b - K_b)), exact, in [0, n_b - K_b]
     sel = (asc >= start) & (asc < start + K)
     return _normalise(sel, valid)
 
@@ -455,7 +448,7 @@ class GLSQueue:
 
 
 def gls(scores, valid, k, state=None, **kw):
-    """Global-Level Selection: select valid positions whose score is strictly above a global
+    """Global-Level Selection (Eq. 6): select valid positions whose score is >= a global
     threshold, the (1 - k) quantile of `state` (a GLSQueue of recent scores, default 30,000), then
     normalise per sequence (weight 1 / count). The threshold uses only *previous* batches' scores:
     this batch's valid scores are pushed after it is computed. Before the queue holds anything the
@@ -471,7 +464,7 @@ def gls(scores, valid, k, state=None, **kw):
         w = top_k(s, valid, k)
     else:
         thr = state.quantile(1.0 - k)
-        w = _normalise(s > thr, valid)
+        w = _normalise(s >= thr, valid)  # Eq. 6: ties with the threshold are selected
     state.push(s[valid])  # after: the threshold never sees the batch it selects from
     return w
 
@@ -529,24 +522,44 @@ DEFAULT_SAMPLE_METRIC = "student_entropy"  # the paper's sample score: mean H(q_
 
 
 def sample_scores(metric, student_hidden, student_head, targets, valid, teacher_hidden=None,
-                  teacher_head=None, chunk_size=1024, generator=None):
-    """Sample score s_i = mean over the valid positions of sample i of METRICS[metric] (metric=None
-    means 'student_entropy' of a frozen student; 'ce_ratio', 'kl', 'random' also make sense).
+                  teacher_head=None, chunk_size=1024, sample_ids=None, seed=0):
+    """Sample score s_i of each sample (row) i, for select_samples. metric=None means
+    'student_entropy' of a frozen student (the paper's default); then:
 
-    Shapes as chunked_scores with N samples in place of B; valid (N, T). Returns (N,) float32;
-    a sample with no valid position gets -inf so select_samples never keeps it. Call it batch by
-    batch and concatenate.
+      'random' (RandomSmp): one uniform per sample, u_i = common.seed_from(seed, "random-sample", id_i)
+          / 2^63, keyed by sample_ids; its law does not depend on the sample's length (a mean of
+          per-position uniforms would: short samples have more variance and win the top-l% more often).
+      'ce_ratio' (DA-KD, paper Sec. 2): L_s(x) / L_t(x), the ratio of the sequence losses (mean CE
+          over the valid positions of student and teacher; the denominator is clamped at CE_EPS),
+          not the mean of the per-token ratios.
+      any other metric: the mean of METRICS[metric] over the valid positions of sample i.
+
+    Shapes as chunked_scores with N samples in place of B; valid (N, T); sample_ids (N,) ints (needed
+    by 'random'). Returns (N,) float32; a sample with no valid position gets -inf so select_samples
+    never keeps it. Call it batch by batch and concatenate.
     """
     metric = DEFAULT_SAMPLE_METRIC if metric is None else metric
     valid = valid.bool()
     if valid.shape != targets.shape:
         raise ValueError(f"valid {tuple(valid.shape)} must have the shape of targets {tuple(targets.shape)}")
-    per = chunked_scores(metric, student_hidden, student_head, targets, teacher_hidden, teacher_head,
-                         chunk_size, generator)  # (N, T)
-    per = torch.where(valid, per, torch.zeros_like(per))  # an inf at a padded position must not leak
     n = valid.sum(-1)
-    mean = per.sum(-1) / n.clamp(min=1)
-    return torch.where(n > 0, mean, torch.full_like(mean, -math.inf))
+
+    def mean_of(name):  # (N,) mean of a position metric over the valid positions
+        per = chunked_scores(name, student_hidden, student_head, targets, teacher_hidden, teacher_head,
+                             chunk_size)  # (N, T)
+        per = torch.where(valid, per, torch.zeros_like(per))  # an inf at a padded position must not leak
+        return per.sum(-1) / n.clamp(min=1)
+
+    if metric == "random":
+        if sample_ids is None or len(sample_ids) != targets.shape[0]:
+            raise ValueError(f"sample_scores('random') needs sample_ids, one per row ({targets.shape[0]})")
+        uniforms = [common.seed_from(seed, "random-sample", int(i)) / 2.0 ** 63 for i in sample_ids]
+        score = torch.tensor(uniforms, dtype=torch.float32, device=targets.device)
+    elif metric == "ce_ratio":
+        score = mean_of("student_ce") / mean_of("teacher_ce").clamp(min=CE_EPS)
+    else:
+        score = mean_of(metric)
+    return torch.where(n > 0, score, torch.full_like(score, -math.inf))
 
 
 def select_samples(scores, l):
@@ -563,6 +576,21 @@ def select_samples(scores, l):
     rank = _rank_desc(s[None], ok[None])[0]
     keep = (rank < K) & ok
     return torch.nonzero(keep).flatten()  # nonzero is ascending
+
+
+@torch.no_grad()
+def score_samples(metric, packed, student_trunk, student_head, teacher_trunk=None, teacher_head=None,
+                  batch_size=4, chunk_size=1024, seed=0, device="cpu"):
+    """sample_scores of every row of `packed` (data.Packed), batch by batch: (N,) on the CPU.
+    student_trunk / teacher_trunk: (b, T) token ids -> (b, T, d) final hidden states (frozen models)."""
+    scores = []
+    for i in range(0, len(packed), batch_size):
+        b = slice(i, i + batch_size)
+        x, y, v = (t[b].to(device) for t in (packed.input_ids, packed.targets, packed.valid))
+        ht = teacher_trunk(x) if teacher_trunk is not None else None
+        scores.append(sample_scores(metric, student_trunk(x), student_head, y, v, ht, teacher_head, chunk_size,
+                                    sample_ids=packed.sample_ids[b], seed=seed).cpu())
+    return torch.cat(scores)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+import losses  # noqa: E402
 import selection as S  # noqa: E402
 
 ALL_METRICS = ["student_entropy", "teacher_entropy", "student_ce", "teacher_ce", "kl", "reverse_kl",
@@ -105,7 +107,8 @@ def test_registries_have_the_public_keys():
 def test_entropy_hand_values_and_masked_vocab():
     V = 8
     uniform = torch.zeros(1, V)
-    assert S.METRICS["student_entropy"](uniform, None, torch.zeros(1, dtype=torch.long)).item() == pytest.approx(math.log(V), rel=1e-6)
+    H = S.METRICS["student_entropy"](uniform, None, torch.zeros(1, dtype=torch.long)).item()
+    assert H == pytest.approx(math.log(V), rel=1e-6)
     # -inf logits (a masked vocabulary) must give 0 log 0 = 0, not NaN
     onehot = torch.full((1, V), -math.inf)
     onehot[0, 3] = 0.0
@@ -138,6 +141,19 @@ def test_random_metric_is_uniform_seeded_and_ignores_logits():
     assert a.dtype == torch.float32 and a.shape == (4, 50)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert (a >= 0).all() and (a < 1).all()
+
+
+def test_metrics_use_the_one_entropy_and_kl(monkeypatch):
+    # one place per idea: the metrics call losses.entropy / losses.kl_per_position, no private copies
+    assert not any(hasattr(S, n) for n in ("_entropy", "_kl", "_logprobs"))
+    calls = []
+    for name in ("entropy", "kl_per_position", "reverse_kl_per_position", "ce_per_position"):
+        fn = getattr(losses, name)
+        monkeypatch.setattr(losses, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
+    s, t, y = torch.randn(2, 3, 7), torch.randn(2, 3, 7), torch.zeros(2, 3, dtype=torch.long)
+    for name in ALL_METRICS:
+        S.METRICS[name](s, t, y, generator=gen())
+    assert set(calls) == {"entropy", "kl_per_position", "reverse_kl_per_position", "ce_per_position"}
 
 
 def test_metric_bad_inputs_raise():
@@ -253,6 +269,24 @@ def test_curriculum_moves_from_lowest_to_highest():
         S.curriculum(scores, valid, k)
     with pytest.raises(ValueError, match="progress"):
         S.curriculum(scores, valid, k, progress=1.5)
+
+
+def test_curriculum_window_start_is_floor_of_progress():
+    # the paper's arithmetic: start = floor(progress * (n - K)), progress = step / curriculum_steps
+    scores = torch.tensor([[0.4, 0.1, 0.3, 0.2]])  # ascending ranks: pos 1, 3, 2, 0
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    progresses = (0.0, 0.5, 0.66, 0.67, 1.0)
+    picked = [int(S.curriculum(scores, valid, 0.25, progress=p).argmax()) for p in progresses]
+    assert picked == [1, 3, 3, 2, 0]  # n - K = 3: starts 0, floor(1.5) = 1, 1, floor(2.01) = 2, 3
+    # progress is the exact decimal: floor(0.29 * 100) = 29, although 0.29 * 100 = 28.999999999999996
+    # in float64, and floor(0.53 * 100) = 53 although float32 gives 52.99999
+    v = torch.ones(1, 101, dtype=torch.bool)
+    for p, start in ((0.29, 29), (0.53, 53), (0.59, 59)):
+        w = S.curriculum(torch.arange(101.0)[None], v, 1e-9, progress=p)  # K = 1, n - K = 100
+        assert int(w.argmax()) == start
+    steps = 4000  # SELECTION_CURRICULUM_STEPS: step 2000 of 4000 is progress 0.5
+    assert torch.equal(S.curriculum(scores, valid, 0.25, progress=2000 / steps),
+                       S.curriculum(scores, valid, 0.25, progress=0.5))
 
 
 # ----------------------------------------------------------------------------- weighted & pos_rs
@@ -372,7 +406,7 @@ def test_gls_threshold_is_queue_quantile_and_batch_is_pushed_after():
     valid = holey_valid(B, T, seed=21)
     scores = torch.rand(B, T, generator=gen(22)) * 1.2  # partly above anything in the queue
     w = S.gls(scores, valid, k, state=qu, generator=gen())
-    sel = valid & (scores > thr)
+    sel = valid & (scores >= thr)
     assert torch.equal(w > 0, sel)
     for b in range(B):
         c = int(sel[b].sum())
@@ -389,6 +423,16 @@ def test_gls_threshold_is_queue_quantile_and_batch_is_pushed_after():
     low = torch.zeros(1, 5)
     w = S.gls(low, torch.ones(1, 5, dtype=torch.bool), k, state=qu)
     assert (w == 0).all()
+
+
+def test_gls_selects_scores_equal_to_the_threshold():
+    # Eq. 6: positions with score >= the (1 - k) quantile are selected, ties included
+    qu = S.GLSQueue()
+    qu.push(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))  # quantile(0.5) = 3 exactly
+    scores = torch.tensor([[3.0, 2.0, 5.0, 3.0], [1.0, 2.0, 3.0, 2.5]])
+    w = S.gls(scores, torch.ones(2, 4, dtype=torch.bool), 0.5, state=qu)
+    assert (w > 0).tolist() == [[True, False, True, True], [False, False, True, False]]
+    torch.testing.assert_close(w[0], torch.tensor([1 / 3, 0, 1 / 3, 1 / 3]))
 
 
 def test_gls_before_data_is_top_k_and_k1_selects_all():
@@ -448,6 +492,7 @@ def test_batch_mean_leaves_out_empty_rows():
     w = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     l = torch.tensor([[2.0, 4.0, float("inf")], [float("nan"), 1.0, 1.0], [9.0, 9.0, 6.0]])
     assert S.batch_mean(w, l).item() == pytest.approx((3.0 + 6.0) / 2)
+    assert torch.equal(S.batch_mean(w, l), losses.selective_kd_loss(l, w))  # one Eq. 4 normalisation
 
 
 # ----------------------------------------------------------------------------- chunked scoring & samples
@@ -497,7 +542,7 @@ def test_chunked_scores_bf16_and_errors():
     assert not S.chunked_scores("student_entropy", hs, Ws, y).requires_grad
 
 
-@pytest.mark.parametrize("name", ["student_entropy", "ce_ratio", "kl"])
+@pytest.mark.parametrize("name", ["student_entropy", "kl", "ce_ratio_student_entropy"])
 def test_sample_scores_is_masked_mean_of_dense_metric(name):
     hs, Ws, y, ht, Wt = _hidden(32, B=4)
     valid = holey_valid(4, 7, seed=33)
@@ -512,6 +557,55 @@ def test_sample_scores_is_masked_mean_of_dense_metric(name):
     assert S.DEFAULT_SAMPLE_METRIC == "student_entropy"
     if name == "student_entropy":  # metric=None is the paper's default sample score
         assert torch.equal(S.sample_scores(None, hs, Ws, y, valid, chunk_size=3), got)
+
+
+def test_sample_ce_ratio_is_ratio_of_sequence_losses():
+    # DA-KD's sample score L_s(x) / L_t(x): ratio of the mean CEs, not the mean of per-token ratios
+    hs, Ws, y, ht, Wt = _hidden(37, B=4)
+    valid = holey_valid(4, 7, seed=38)
+    got = S.sample_scores("ce_ratio", hs, Ws, y, valid, ht, Wt, chunk_size=3)
+    ce_s, ce_t = S.METRICS["student_ce"](hs @ Ws.T, None, y), S.METRICS["teacher_ce"](None, ht @ Wt.T, y)
+    per_token = S.METRICS["ce_ratio"](hs @ Ws.T, ht @ Wt.T, y)
+    for b in range(4):
+        if valid[b].any():
+            want = ce_s[b][valid[b]].mean() / ce_t[b][valid[b]].mean()
+            assert got[b].item() == pytest.approx(want.item(), rel=1e-5)
+            assert got[b].item() != pytest.approx(per_token[b][valid[b]].mean().item(), rel=1e-3)
+        else:
+            assert got[b].item() == -math.inf
+
+
+def test_random_sample_score_is_one_uniform_per_sample_id():
+    # RandomSmp: a sample's score is keyed by (seed, sample id) only, whatever its length or batch
+    g = gen(39)
+    N, T = 8, 40
+    y = torch.zeros(N, T, dtype=torch.long)
+    valid = torch.rand(N, T, generator=g) < 0.5
+    valid[:, 0] = True
+    ids = torch.arange(100, 100 + N)
+    got = S.sample_scores("random", None, None, y, valid, sample_ids=ids, seed=3)
+    want = [common.seed_from(3, "random-sample", int(i)) / 2.0 ** 63 for i in ids]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float32))
+    again = S.sample_scores("random", None, None, y[[5, 2]], ~valid[[5, 2]], sample_ids=ids[[5, 2]], seed=3)
+    assert torch.equal(again, got[[5, 2]])
+    assert not torch.equal(S.sample_scores("random", None, None, y, valid, sample_ids=ids, seed=4), got)
+    with pytest.raises(ValueError, match="sample_ids"):
+        S.sample_scores("random", None, None, y, valid)
+
+
+def test_random_sample_selection_is_uniform_across_lengths():
+    # lengths 20..256 in 4 buckets: each keeps l = 20% of its samples (the mean of per-position
+    # uniforms kept 0.33 / 0.24 / 0.16 / 0.11: short samples have more variance and win more often)
+    N, T, l = 4000, 256, 0.2
+    lengths = torch.randint(20, T + 1, (N,), generator=gen(40))
+    valid = torch.arange(T)[None, :] < lengths[:, None]
+    y = torch.zeros(N, T, dtype=torch.long)
+    scores = S.sample_scores("random", None, None, y, valid, sample_ids=torch.arange(N), seed=1337)
+    kept = torch.zeros(N, dtype=torch.bool)
+    kept[S.select_samples(scores, l)] = True
+    bucket = torch.bucketize(lengths, torch.tensor([79, 138, 197]))  # 20-79, 80-138, 139-197, 198-256
+    fracs = [kept[bucket == b].float().mean().item() for b in range(4)]
+    assert all(abs(f - l) < 0.04 for f in fracs), fracs  # binomial sd ~ 0.013 per bucket of ~1000
 
 
 def test_select_samples():
@@ -548,7 +642,8 @@ def test_cuda_stays_on_device_and_matches_cpu():
                                chunk_size=4, generator=gen(2))
         assert out.device.type == "cuda"
         if name != "random":
-            torch.testing.assert_close(out.cpu(), S.chunked_scores(name, hs, Ws, y, ht, Wt), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(out.cpu(), S.chunked_scores(name, hs, Ws, y, ht, Wt),
+                                       rtol=1e-4, atol=1e-4)
 
 
 def test_needs_scores():

@@ -1,0 +1,132 @@
+"""Small helpers every module shares: one atomic writer, one seeded hash, one kind of user error.
+
+Nothing here knows about distillation; it is imported by the concept modules and never imports them.
+"""
+import glob
+import hashlib
+import json
+import os
+import tempfile
+
+
+class UserError(Exception):
+    """A known bad input (a flag, a file): the CLIs print its one-line message and exit 2, no traceback.
+    Raise it with a message that names the flag or file and says what to do."""
+
+
+# -----------------------------------------------------------------------------
+# one seeded hash
+
+def seed_from(*keys):
+    """A 63-bit seed from a tuple of keys (ints, strings): the same keys give the same seed on every
+    machine and run, whatever happened before (no global RNG state), so a resumed run repeats draws."""
+    h = hashlib.sha256(repr(tuple(keys)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def generator(*keys, device="cpu"):
+    """A torch.Generator seeded by seed_from(*keys)."""
+    import torch
+    return torch.Generator(device=device).manual_seed(seed_from(*keys))
+
+
+# -----------------------------------------------------------------------------
+# one atomic writer
+
+TMP_PREFIX = ".tmp."
+
+
+def atomic_write(path, data):
+    """Write str or bytes to `path` atomically: a temp file in the same directory, fsync, then
+    os.replace, so a reader sees the old file or the whole new one, never a half-written file.
+    A failed write removes its temp file; a full disk is named as such."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    with _temp_for(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_json(path, obj, indent=2):
+    atomic_write(path, json.dumps(obj, indent=indent, default=str) + "\n")
+
+
+def atomic_torch_save(obj, path):
+    """torch.save through a temp file and os.replace (a killed write never corrupts `path`)."""
+    import torch
+    with _temp_for(path) as tmp:
+        torch.save(obj, tmp)
+
+
+class _temp_for:
+    """Context manager: yields a temp path beside `path`; on success it replaces `path`, on any failure
+    (an exception, a full disk) it is removed. Temp names start with TMP_PREFIX (see clean_temp_files)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        d = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(d, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(self.path) + ".", dir=d)
+        os.close(fd)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            try:
+                os.chmod(self.tmp, 0o644)  # mkstemp makes 0600; outputs are for sharing
+                os.replace(self.tmp, self.path)
+                return False
+            except BaseException:
+                os.remove(self.tmp)
+                raise
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+        if disk_full(exc):
+            raise UserError(f"disk full while writing {self.path}: free space and rerun "
+                            f"(nothing was left half-written)") from None
+        return False
+
+
+def disk_full(exc):
+    """True for ENOSPC, also when torch's writer wraps it in a RuntimeError."""
+    import errno
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    msg = str(exc)
+    return "No space left on device" in msg or ("inline_container" in msg and "unexpected pos" in msg)
+
+
+def clean_temp_files(directory):
+    """Remove temp files a killed writer left in `directory` (not recursive); returns how many."""
+    n = 0
+    for p in glob.glob(os.path.join(glob.escape(directory), TMP_PREFIX + "*")):
+        try:
+            os.remove(p)
+            n += 1
+        except OSError:
+            pass
+    return n
+
+
+def read_json(path):
+    """json.load with a one-line error naming the file when it is truncated or corrupt."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): the file is corrupt or "
+                        "truncated; delete it to have it rebuilt") from None
+
+
+def git_hash():
+    """The commit of this checkout (recorded in config.json), or 'unknown'."""
+    import subprocess
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                       stderr=subprocess.DEVNULL, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
