@@ -9,50 +9,47 @@ V-dimensional logits (RS-KD, random-sampling KD):
                     keep the unique ids c with their counts n_c,   p_hat_t(c) = n_c / U
     E[p_hat_t(c)] = p_t^(T)(c)  ->  KL(p_hat_t || q_t) is an unbiased estimate of the dense target term
 
-Each kept class is stored as an id and a quantized probability packed into one little-endian word:
+The draw is losses.sample_classes with the uniforms of losses.rs_uniforms(seed, sample ids, T, U): the
+one class sampler of the project, so online RS-KD and a cache built with the same seed train on
+identical classes and counts at every (sample id, position). It runs on the device of the logits
+teacher_fn returns; only the kept ids and counts move to the host.
 
-    id_bits   = ceil(log2 V)
-    prob_bits = 24 - id_bits           -> 3 bytes per class   (when that leaves >= 5 bits)
-              = 32 - id_bits           -> 4 bytes per class   (otherwise, e.g. V = 2^21)
-    word      = id | q << id_bits,     decoded prob = q / (2^prob_bits - 1)
+The target is integer counts out of U, so the cache stores exactly that (lossless; format 2):
 
-V = 151,936 (Qwen3) needs 18 id bits: packing ids in 17 bits (as the published code does) silently
-maps every id >= 131,072 onto another class. Here ids are always exact, and pack_classes refuses ids
-that do not fit.
+    id_bits    = ceil(log2 V)           (V = 151,936, Qwen3: 18)
+    count_bits = ceil(log2 U)           (U = 64: 6) ; the word stores count - 1, which lies in [0, U)
+    word       = id | (count - 1) << id_bits, little-endian, bytes_per_class = ceil((id + count bits) / 8)
 
-Quantization (`quantize`) is largest-remainder rounding of p_hat * M, M = 2^prob_bits - 1, so the
-integers of every position sum to exactly M (decoded probs sum to exactly 1). Decision on tiny
-classes: a sampled class could round to q = 0 at small prob_bits; whenever a position has
-k <= M kept classes we move single units from the largest q's so that every kept class gets q >= 1
-(a sampled class is never silently dropped). Only when k > M (possible only for prob_bits <= 6 with
-U = 64, e.g. Qwen3's vocab) do some classes stay at 0; `build` does not store q = 0 entries (they carry
-no mass). Rounding moves each decoded prob by at most about 1/M (+ k/M for the >= 1 rule), which is
-negligible at 14 bits (V ~ 1000) and visible at 6 bits (V = 151,936).
+That is 3 bytes a class for every V <= 2^18 and U <= 64 (Qwen3 included), and the decoded target is
+count / U exactly, bit for bit the online one. Past that (V > 2^18 or U > 64) a class takes 4 bytes
+(or more); build says so, and nothing is ever rounded or dropped. Format 1 stored a quantized
+probability in the bits left over (5 bits at V in (2^18, 2^19]), which dropped up to half the sampled
+classes of diffuse rows; a format-1 cache is refused with "rebuild". Packing ids in 17 bits (as the
+published code does) would map every id >= 131,072 onto another class; here pack_classes refuses
+any id or count that does not fit.
 
 On-disk layout of a cache directory (all files written to a temp name + os.replace):
 
     build.json              the plan: meta + format params; a resumed build must match it exactly
     shard_00000.bin         ragged packed classes of the shard, (K, bytes_per_class) uint8
     shard_00000.idx         index, raw little-endian: sample_ids int64 (n) | seq_offsets int64 (n+1)
-                            | counts (n, seq_len) uint8 (uint16 when U > 255), kept classes per position
+                            | kept (n, seq_len) uint8 (uint16 when U > 255), kept classes per position
     shard_00000.json        per-shard sizes + sha256 checksums; written LAST: marks the shard complete
     header.json             plan + all shard records + totals; written by `finalize` once every shard exists
 
-Storage per position = bytes_per_class x kept classes + 1 byte of count (+ 16 bytes per sequence):
-the index is < 5% of the data whenever the mean kept classes is >= 7 (3-byte classes); position
-offsets are derived from the counts at read time instead of being stored as int64 (8 bytes/position
-would be ~10% of the data at a typical 25-30 kept classes).
+Storage per position = bytes_per_class x kept classes + 1 byte of index (+ 16 bytes per sequence);
+position offsets are derived from the kept counts at read time instead of being stored as int64.
 
-Entries are keyed by the stable sample id (data.py) and the position t in [0, seq_len). The random
-draws of a sequence depend only on (seed, sample_id) (one torch.Generator per sequence), never on the
-batch composition, the rank or the resume point, so two rows of one batch with identical tokens still
-get independent draws, and a resumed or distributed build is byte-identical to a one-shot build.
+Entries are keyed by the stable sample id (data.py) and the position t in [0, seq_len). The draws of a
+sequence depend only on (seed, sample_id), never on the batch composition, the rank or the resume
+point, so a resumed or distributed build is byte-identical to a one-shot build. Everything that changes
+the cached numbers is in the plan and checked on open: teacher, vocab_size, seq_len, tokenizer and data
+fingerprints, U, temperature, seed, and the teacher's `dtype` when meta carries it.
 
-Read path: `open_cache(dir, expect)` checks the header against the run (teacher, vocab, seq_len,
-tokenizer, data, U, temperature) and every file's size (and by default its sha256, ~0.7 GB/s on one
-CPU core; pass verify="lazy" to check each shard on first read instead); `TeacherCache.get(sample_ids)`
-returns dense padded tensors (ids (B, T, Umax) long, probs (B, T, Umax) fp32) from np.memmap with
-vectorised numpy only (`python cache.py bench` measures it).
+Read path: `open_cache(dir, expect)` checks the header against the run and every file's size (and by
+default its sha256; verify="lazy" checks each shard on first read); `TeacherCache.get(sample_ids)`
+returns ids (B, T, Umax) long and probs = counts / U (B, T, Umax) fp32 from np.memmap.
+`python cache.py inspect DIR` verifies the checksums and that every position's counts sum to U.
 
 Table 6 of the paper (storage for 100B tokens, V = 100k): `python cache.py estimate --tokens 100e9
 --vocab 100000 --u 64 --l 0.2`.
@@ -63,25 +60,36 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+import losses
+from common import TMP_PREFIX, UserError, atomic_json, atomic_write
+
+FORMAT_VERSION = 2       # 2: exact counts (count - 1 in the count bits); 1: quantized probabilities (lossy)
+SELECTION_VERSION = 1    # format of save_selection's file (independent of the class format)
 HEADER = "header.json"
 PLAN = "build.json"
 _META_KEYS = ("teacher", "vocab_size", "seq_len", "tokenizer_fingerprint", "data_fingerprint")
-_CHUNK = 1 << 22  # elements of a (rows, V) block in the softmax/cumsum: bounds peak memory (~32 MB fp64)
+_OPTIONAL_KEYS = ("dtype",)  # checked on open whenever the cache recorded them, even if the run omits them
+_CHUNK = 1 << 22  # elements of a (rows, V) block of the sampler on CPU (x16 on GPU): bounds peak memory
 
 
-class CacheMismatchError(ValueError):
-    """The cache on disk was built for another run (teacher, vocab, data, U, temperature, ...)."""
+class CacheMismatchError(UserError, ValueError):
+    """The cache on disk was built for another run (teacher, vocab, data, U, temperature, dtype, format)."""
 
 
-class CacheCorruptError(ValueError):
+class CacheCorruptError(UserError, ValueError):
     """A cache file is missing, truncated or fails its checksum."""
+
+
+class CacheNotFoundError(UserError, FileNotFoundError):
+    """The directory does not exist or holds no teacher cache."""
 
 
 # ----------------------------------------------------------------------------- format
@@ -93,115 +101,61 @@ def id_bits(vocab_size):
     return max(1, (int(vocab_size) - 1).bit_length())
 
 
-def bytes_per_class(vocab_size):
-    """3 when ceil(log2 V) leaves >= 5 probability bits in 24, else 4 (Appendix E)."""
-    b = id_bits(vocab_size)
-    if 24 - b >= 5:
-        return 3
-    if 32 - b >= 5:
-        return 4
-    raise ValueError(f"vocab_size {vocab_size} needs {b} id bits: too large for a 4-byte class")
+def count_bits(U):
+    """ceil(log2 U): bits that hold count - 1 in [0, U) exactly (U = 64 -> 6)."""
+    if not 1 <= int(U) <= 65535:
+        raise ValueError(f"U must be in [1, 65535], got {U}")
+    return (int(U) - 1).bit_length()
 
 
-def prob_bits(vocab_size):
-    """Bits left for the quantized probability once the id is stored exactly."""
-    return 8 * bytes_per_class(vocab_size) - id_bits(vocab_size)
+def bytes_per_class(vocab_size, U=64):
+    """Whole bytes for one exact (id, count - 1) word: 3 for V <= 2^18 at U <= 64, 4 (or more) past."""
+    return math.ceil((id_bits(vocab_size) + count_bits(U)) / 8)
 
 
-def quantize(probs, prob_bits):
-    """Largest-remainder quantization of each row of probs to integers summing to 2^prob_bits - 1.
-
-    probs: (N, U) float (typically counts / U; 0 = padding; rows need not sum exactly to 1, they are
-    normalised first). Returns int64 (N, U) q with q.sum(-1) == M = 2^prob_bits - 1 for every row with
-    any mass, 0 on padding and on all-zero rows. Every kept class gets q >= 1 when the row has at most
-    M kept classes (see module docstring); decode with q / M.
-    """
-    p = torch.as_tensor(probs)
-    if p.dim() != 2:
-        raise ValueError(f"quantize: probs must be (N, U), got shape {tuple(p.shape)}")
-    if int(prob_bits) < 1:
-        raise ValueError(f"quantize: prob_bits must be >= 1, got {prob_bits}")
-    p = p.to(torch.float64)
-    if bool((p < 0).any()) or not bool(torch.isfinite(p).all()):
-        raise ValueError("quantize: probs must be finite and >= 0")
-    M = (1 << int(prob_bits)) - 1
-    kept = p > 0                                                      # (N, U)
-    tot = p.sum(-1, keepdim=True)                                     # (N, 1)
-    x = p / tot.clamp_min(1e-300) * M                                 # (N, U) ideal real values
-    f = x.floor()
-    r = torch.where(kept, x - f, torch.full_like(x, -1.0))            # padding sorts last
-    q = f.to(torch.int64)
-    deficit = M - q.sum(-1)                                           # (N,) units still to hand out
-    order = torch.argsort(r, dim=-1, descending=True, stable=True)    # ties -> lower slot first
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(p.shape[1], device=p.device).expand_as(order))
-    q = q + ((rank < deficit[:, None]) & kept).to(torch.int64)
-    q = torch.where(kept, q, torch.zeros_like(q))
-    live = kept.any(-1)                                               # rows with mass
-    # fp rounding can leave the sum off by a unit in pathological rows: settle it on the largest entry
-    diff = torch.where(live, M - q.sum(-1), torch.zeros_like(deficit))
-    if bool((diff != 0).any()):
-        q.scatter_add_(1, q.argmax(-1, keepdim=True), diff[:, None])
-    # every kept class >= 1 when possible: move one unit from the row's largest q per zero
-    fixable = kept.sum(-1) <= M
-    rows = torch.arange(p.shape[0], device=p.device)
-    while True:
-        zero = kept & (q == 0) & fixable[:, None]                     # (N, U)
-        need = zero.any(-1)
-        if not bool(need.any()):
-            break
-        first = zero.to(torch.int8).argmax(-1)                        # first zero slot per row
-        big = q.argmax(-1)                                            # its donor (>= 2, see docstring)
-        step = need.to(torch.int64)
-        q[rows, first] += step
-        q[rows, big] -= step
-    return q
-
-
-def _pack_np(ids, q, vocab_size):
-    ib, pb, nb = id_bits(vocab_size), prob_bits(vocab_size), bytes_per_class(vocab_size)
+def _pack_np(ids, counts, vocab_size, U):
+    ib, nb = id_bits(vocab_size), bytes_per_class(vocab_size, U)
     ids = np.asarray(ids).astype(np.int64, copy=False)
-    q = np.asarray(q).astype(np.int64, copy=False)
-    if ids.shape != q.shape:
-        raise ValueError(f"pack_classes: ids {ids.shape} and q {q.shape} differ in shape")
+    counts = np.asarray(counts).astype(np.int64, copy=False)
+    if ids.shape != counts.shape:
+        raise ValueError(f"pack_classes: ids {ids.shape} and counts {counts.shape} differ in shape")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         raise ValueError(f"pack_classes: ids must lie in [0, {vocab_size}), got [{ids.min()}, {ids.max()}]")
-    if q.size and (q.min() < 0 or q.max() >= (1 << pb)):
-        raise ValueError(f"pack_classes: q must lie in [0, {1 << pb}) for {pb} prob bits, got max {q.max()}")
-    w = (ids.astype(np.uint32) | (q.astype(np.uint32) << np.uint32(ib))).astype("<u4")
+    if counts.size and (counts.min() < 1 or counts.max() > U):
+        raise ValueError(f"pack_classes: counts must lie in [1, U={U}], got [{counts.min()}, {counts.max()}]")
+    w = (ids.astype(np.uint64) | ((counts - 1).astype(np.uint64) << np.uint64(ib))).astype("<u8")
     return w[..., None].view(np.uint8)[..., :nb]                      # (..., nb) little-endian bytes
 
 
-def _unpack_np(buf, vocab_size):
-    ib, nb = id_bits(vocab_size), bytes_per_class(vocab_size)
+def _unpack_np(buf, vocab_size, U):
+    ib, nb = id_bits(vocab_size), bytes_per_class(vocab_size, U)
     b = np.asarray(buf, dtype=np.uint8)
     if b.shape[-1:] != (nb,):
-        raise ValueError(f"unpack_classes: last dim must be {nb} bytes for vocab_size {vocab_size}, "
+        raise ValueError(f"unpack_classes: last dim must be {nb} bytes for vocab_size {vocab_size}, U {U}, "
                          f"got shape {b.shape}")
-    w4 = np.zeros(b.shape[:-1] + (4,), np.uint8)                      # widen to one uint32 per class
-    w4[..., :nb] = b
-    w = w4.view("<u4")[..., 0]
-    ids = (w & np.uint32((1 << ib) - 1)).astype(np.int64)
-    q = (w >> np.uint32(ib)).astype(np.int64)
-    return ids, q
+    w8 = np.zeros(b.shape[:-1] + (8,), np.uint8)                      # widen to one uint64 per class
+    w8[..., :nb] = b
+    w = w8.view("<u8")[..., 0]
+    ids = (w & np.uint64((1 << ib) - 1)).astype(np.int64)
+    counts = (w >> np.uint64(ib)).astype(np.int64) + 1
+    return ids, counts
 
 
-def pack_classes(ids, q, vocab_size):
-    """Pack class ids (N, U) and quantized probs q (N, U) into np.uint8 (N, U, bytes_per_class).
+def pack_classes(ids, counts, vocab_size, U):
+    """Pack class ids (...) and their counts (...) in [1, U] into np.uint8 (..., bytes_per_class(V, U)).
 
-    Works for any shape (..., ) -> (..., bytes_per_class). Raises ValueError on ids outside [0, V) or
-    q that does not fit prob_bits, so nothing is ever silently truncated.
+    Raises ValueError on ids outside [0, V) or counts outside [1, U]: nothing is silently truncated.
     """
     to_np = lambda a: a.detach().cpu().numpy() if torch.is_tensor(a) else np.asarray(a)
-    return np.ascontiguousarray(_pack_np(to_np(ids), to_np(q), int(vocab_size)))
+    return np.ascontiguousarray(_pack_np(to_np(ids), to_np(counts), int(vocab_size), int(U)))
 
 
-def unpack_classes(buf, vocab_size):
-    """Inverse of pack_classes: uint8 (..., bytes_per_class) -> (ids, q), both int64 torch tensors (...)."""
+def unpack_classes(buf, vocab_size, U):
+    """Inverse of pack_classes: uint8 (..., bytes_per_class) -> (ids, counts), int64 torch tensors (...)."""
     if torch.is_tensor(buf):
         buf = buf.detach().cpu().numpy()
-    ids, q = _unpack_np(buf, int(vocab_size))
-    return torch.from_numpy(ids), torch.from_numpy(q)
+    ids, counts = _unpack_np(buf, int(vocab_size), int(U))
+    return torch.from_numpy(ids), torch.from_numpy(counts)
 
 
 # ----------------------------------------------------------------------------- storage estimate
@@ -209,7 +163,7 @@ def unpack_classes(buf, vocab_size):
 def estimate_storage(tokens, vocab, u, l):
     """Paper Table 6: teacher-target storage for `tokens` positions, in bytes/position and TB (1e12 B).
 
-    Full KD stores fp16 logits (2V bytes); RS-KD stores at most U classes of bytes_per_class(V) bytes
+    Full KD stores fp16 logits (2V bytes); RS-KD stores at most U classes of bytes_per_class(V, U) bytes
     (an upper bound: the format stores unique classes only, plus ~1 byte/position of index); SE-KD_3X
     caches only the top-l fraction of samples (U x l); CE only needs no teacher storage at all (the
     target token is already in the training data), so it is 0.
@@ -218,7 +172,7 @@ def estimate_storage(tokens, vocab, u, l):
     tokens, vocab, u, l = float(tokens), int(vocab), int(u), float(l)
     if tokens < 0 or u < 1 or not 0 <= l <= 1:
         raise ValueError(f"estimate_storage: need tokens >= 0, u >= 1, 0 <= l <= 1; got {tokens}, {u}, {l}")
-    rs = u * bytes_per_class(vocab)
+    rs = u * bytes_per_class(vocab, u)
     rows = {
         "Full KD (fp16 logits)": 2.0 * vocab,
         f"RS-KD (U={u})": float(rs),
@@ -230,44 +184,21 @@ def estimate_storage(tokens, vocab, u, l):
 
 # ----------------------------------------------------------------------------- small file helpers
 
-def atomic_write(path, data):
-    """Write str or bytes to `path` atomically: a temp file in the same directory, fsync, then
-    os.replace, so a reader sees the old file or the whole new one, never a half-written file.
-    The project's other writers (train.py, eval.py, ifeval.py) use this too."""
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp." + os.path.basename(path) + ".", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-
 def _write_json(path, obj):
-    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    atomic_json(path, obj, indent=1)
 
 
 def _read_json(path):
     try:
         with open(path) as f:
             return json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheCorruptError(f"{path}: not valid JSON ({e}); the file is truncated or corrupted") from None
 
 
 def _norm(x):
     """JSON round trip so tuples/ints/floats compare the same as after writing to disk."""
-    return json.loads(json.dumps(x, sort_keys=True))
+    return json.loads(json.dumps(x, sort_keys=True, default=str))
 
 
 def _sha256_file(path, bufsize=1 << 24):
@@ -281,12 +212,6 @@ def _sha256_file(path, bufsize=1 << 24):
     return h.hexdigest()
 
 
-def _seq_seed(seed, sample_id):
-    """63-bit generator seed from (seed, sample_id) only: independent of batch, rank and resume point."""
-    d = hashlib.sha256(f"nano-sekd/rs-kd/{int(seed)}/{int(sample_id)}".encode()).digest()
-    return int.from_bytes(d[:8], "little") & ((1 << 63) - 1)
-
-
 def _shard_name(i):
     return f"shard_{i:05d}"
 
@@ -295,38 +220,16 @@ def _diff(file, have, want, keys):
     bad = [f"{k}: cache={have.get(k, '<absent>')!r} run={want.get(k, '<absent>')!r}" for k in keys
            if k not in have or k not in want or _norm(have[k]) != _norm(want[k])]
     if bad:
-        raise CacheMismatchError(f"{file}: cache does not match this run: " + "; ".join(bad))
+        raise CacheMismatchError(f"{file}: cache does not match this run: " + "; ".join(bad)
+                                 + " (use another --cache-dir, or delete this one to rebuild)")
 
 
-# ----------------------------------------------------------------------------- sampling
-
-def sample_classes(logits, u, temperature, prob_bits):
-    """RS-KD draw for a block of positions.
-
-    logits: (R, V) any float dtype/device; u: (R, U) float64 uniforms in [0, 1) (from the per-sequence
-    generators). Inverse-CDF sampling of softmax(logits / T) in fp32 (cumsum in fp64, so the V-long
-    sum does not drift), then unique ids with counts. Returns ids (R, U) int64 ascending with the kept
-    classes first (padding id 0) and q (R, U) int64 quantized probs (0 = padding / dropped).
-    """
-    R, V = logits.shape
-    U = u.shape[1]
-    ids = torch.empty(R, U, dtype=torch.int64, device=logits.device)
-    step = max(1, (_CHUNK if logits.device.type == "cpu" else 16 * _CHUNK) // V)  # GPU: fewer, larger kernels
-    u = u.to(logits.device)
-    for s in range(0, R, step):
-        p = torch.softmax(logits[s:s + step].float() / temperature, dim=-1)        # (r, V) fp32
-        cdf = torch.cumsum(p, dim=-1, dtype=torch.float64)                       # (r, V)
-        tgt = u[s:s + step] * cdf[:, -1:]                                        # (r, U)
-        ids[s:s + step] = torch.searchsorted(cdf, tgt, right=True).clamp_(max=V - 1)
-        del p, cdf
-    srt = ids.sort(-1).values                                                    # (R, U)
-    new = torch.ones_like(srt, dtype=torch.bool)
-    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
-    g = new.long().cumsum(-1) - 1                                                # group index
-    cnt = torch.zeros_like(srt).scatter_add_(1, g, torch.ones_like(srt))         # (R, U) counts
-    uid = torch.zeros_like(srt).scatter_(1, g, srt)                              # (R, U) unique ids
-    q = quantize(cnt.double() / U, prob_bits)
-    return uid, q
+def _check_format(path, d):
+    v = d.get("format_version")
+    if v != FORMAT_VERSION:
+        old = " (format 1 stored quantized probabilities and could drop sampled classes)" if v == 1 else ""
+        raise CacheMismatchError(f"{path}: cache format_version {v!r}, this code reads {FORMAT_VERSION}{old}: "
+                                 f"rebuild it (delete {os.path.dirname(path)} or use another --cache-dir)")
 
 
 # ----------------------------------------------------------------------------- build
@@ -338,11 +241,10 @@ def _plan(meta, vocab_size, seq_len, U, temperature, seed, shard_size, sample_id
     plan = dict(_norm(meta))
     plan.update(
         format_version=FORMAT_VERSION, vocab_size=int(vocab_size), seq_len=int(seq_len),
-        id_bits=id_bits(vocab_size), prob_bits=prob_bits(vocab_size),
-        bytes_per_class=bytes_per_class(vocab_size), U=int(U), temperature=float(temperature),
-        seed=int(seed), shard_size=int(shard_size), num_samples=len(sample_ids),
-        num_shards=math.ceil(len(sample_ids) / shard_size),
-        count_dtype="uint8" if U <= 255 else "uint16",
+        id_bits=id_bits(vocab_size), count_bits=count_bits(U), bytes_per_class=bytes_per_class(vocab_size, U),
+        lossless=True, U=int(U), temperature=float(temperature), seed=int(seed), shard_size=int(shard_size),
+        num_samples=len(sample_ids), num_shards=math.ceil(len(sample_ids) / shard_size),
+        kept_dtype="uint8" if U <= 255 else "uint16",
         samples_sha256=hashlib.sha256(sample_ids.astype("<i8").tobytes()).hexdigest(),
     )
     return plan
@@ -371,24 +273,24 @@ class _ShardWriter:
         self.d, self.i, self.plan = d, i, plan
         self.name = _shard_name(i)
         for f in os.listdir(d):                       # leftovers of a killed attempt at this shard
-            if f.startswith(".tmp." + self.name + "."):
+            if f.startswith(TMP_PREFIX + self.name + "."):
                 os.remove(os.path.join(d, f))
-        self.tmp = os.path.join(d, f".tmp.{self.name}.bin.{os.getpid()}")
+        self.tmp = os.path.join(d, f"{TMP_PREFIX}{self.name}.bin.{os.getpid()}")
         self.f = open(self.tmp, "wb")
         self.h = hashlib.sha256()
-        self.kept = 0
-        self.counts, self.sids, self.offsets = [], [], [0]
+        self.total = 0
+        self.kept, self.sids, self.offsets = [], [], [0]
 
-    def add(self, sample_ids, counts, ids, q):
-        """sample_ids (b,), counts (b, T) kept per position, ids/q (K,) kept classes in row-major order."""
-        buf = _pack_np(ids, q, self.plan["vocab_size"]).tobytes()
+    def add(self, sample_ids, kept, ids, counts):
+        """sample_ids (b,), kept (b, T) classes per position, ids/counts (K,) the classes, row-major."""
+        buf = _pack_np(ids, counts, self.plan["vocab_size"], self.plan["U"]).tobytes()
         self.f.write(buf)
         self.h.update(buf)
-        per_seq = counts.sum(-1)
+        per_seq = kept.sum(-1)
         for n in per_seq.tolist():
             self.offsets.append(self.offsets[-1] + int(n))
-        self.kept += int(per_seq.sum())
-        self.counts.append(counts.astype(self.plan["count_dtype"]))
+        self.total += int(per_seq.sum())
+        self.kept.append(kept.astype(self.plan["kept_dtype"]))
         self.sids.append(np.asarray(sample_ids, dtype=np.int64))
 
     def close(self, tokens_sha256):
@@ -398,11 +300,12 @@ class _ShardWriter:
         d, name = self.d, self.name
         sids = np.concatenate(self.sids)
         idx = (sids.astype("<i8").tobytes() + np.asarray(self.offsets, "<i8").tobytes()
-               + np.concatenate(self.counts).astype(np.dtype(self.plan["count_dtype"]).newbyteorder("<")).tobytes())
+               + np.concatenate(self.kept).astype(np.dtype(self.plan["kept_dtype"]).newbyteorder("<"))
+               .tobytes())
         os.replace(self.tmp, os.path.join(d, name + ".bin"))
         atomic_write(os.path.join(d, name + ".idx"), idx)
-        rec = dict(index=self.i, num_samples=len(sids), kept=self.kept,
-                   data_file=name + ".bin", data_bytes=self.kept * self.plan["bytes_per_class"],
+        rec = dict(index=self.i, num_samples=len(sids), kept=self.total,
+                   data_file=name + ".bin", data_bytes=self.total * self.plan["bytes_per_class"],
                    data_sha256=self.h.hexdigest(), index_file=name + ".idx", index_bytes=len(idx),
                    index_sha256=hashlib.sha256(idx).hexdigest(), tokens_sha256=tokens_sha256)
         _write_json(os.path.join(d, name + ".json"), rec)              # last: the shard now counts as done
@@ -413,22 +316,44 @@ def _tokens_sha(x):
     return hashlib.sha256(np.ascontiguousarray(x.numpy().astype("<i8")).tobytes()).hexdigest()
 
 
+def _draw(logits, sample_ids, U, temperature, seed, chunk_size):
+    """The RS-KD draw of a batch on the logits' device: (b, T, V) -> numpy kept (b, T), ids (K,), counts (K,).
+
+    losses.sample_classes with losses.rs_uniforms: the same call online RS-KD makes, so the classes and
+    counts are those of an online run with this seed. Only the kept ids and counts leave the device.
+    """
+    b, T, V = logits.shape
+    u = losses.rs_uniforms(seed, torch.from_numpy(sample_ids), T, U).reshape(b * T, U)
+    if chunk_size is None:
+        chunk_size = max(1, (_CHUNK if logits.device.type == "cpu" else 16 * _CHUNK) // V)
+    ids, counts = losses.sample_classes(logits.reshape(b * T, V), u, temperature, chunk_size)  # (bT, U)
+    if not bool((counts.sum(-1) == U).all()):
+        raise RuntimeError(f"build: losses.sample_classes returned counts that do not sum to U={U}")
+    keep = counts > 0
+    return (keep.sum(-1).reshape(b, T).cpu().numpy(), ids[keep].cpu().numpy(), counts[keep].cpu().numpy())
+
+
 @torch.no_grad()
 def build(cache_dir, teacher_fn, input_ids, sample_ids, meta, U=64, temperature=1.0, batch_size=4,
-          shard_size=256, seed=0, rank=0, world_size=1, progress=True):
+          shard_size=256, seed=0, rank=0, world_size=1, progress=True, chunk_size=None):
     """Run the teacher once over input_ids (N, T) and write the RS-KD cache; returns cache_dir.
 
-    teacher_fn(input_ids (b, T) long, on CPU as given) -> logits (b, T, V), any float dtype/device (move
-    the input to the teacher's device inside teacher_fn). sample_ids (N,) are the stable ids of data.py.
-    meta needs teacher, vocab_size, seq_len, tokenizer_fingerprint, data_fingerprint (extra keys kept).
+    teacher_fn(input_ids (b, T) long, on CPU as given) -> logits (b, T, V), any float dtype, on the
+    teacher's device (move the input there inside teacher_fn; do not move the logits to the host: the
+    classes are drawn where the logits are). sample_ids (N,) are the stable ids of data.py.
+    meta needs teacher, vocab_size, seq_len, tokenizer_fingerprint, data_fingerprint; pass dtype too
+    (str of the teacher's dtype: it changes the logits); extra keys are recorded and checked on open.
     Shard i covers sample_ids[i*shard_size:(i+1)*shard_size]; rank r builds the shards with
     i % world_size == r. Complete shards are skipped (resume); a shard interrupted by a kill is rebuilt
     from scratch. With world_size == 1 the header is written here; otherwise call finalize(cache_dir)
     on rank 0 after a barrier. Calling build on a finished cache with the same plan is a no-op; with
     another plan (meta, U, T, seed, samples) it is a CacheMismatchError: nothing is mixed or recomputed.
+    chunk_size: rows of the sampler's (rows, V) temporaries (default: ~16 MB of fp32 on CPU, 16x on GPU).
     """
     if not (torch.is_tensor(input_ids) and input_ids.dim() == 2):
         raise ValueError("build: input_ids must be a (N, T) LongTensor")
+    if int(shard_size) < 1:
+        raise UserError(f"--cache-shard-size (build shard_size) must be >= 1, got {shard_size}")
     sids = torch.as_tensor(sample_ids).to(torch.int64).cpu().numpy().reshape(-1)
     N, T = input_ids.shape
     if len(sids) != N:
@@ -439,18 +364,23 @@ def build(cache_dir, teacher_fn, input_ids, sample_ids, meta, U=64, temperature=
         raise ValueError("build: sample_ids must be unique (they key the cache)")
     if int(meta.get("seq_len", T)) != T:
         raise ValueError(f"build: meta seq_len={meta['seq_len']} but input_ids has T={T}")
-    if not (1 <= U <= 65535 and temperature > 0 and shard_size >= 1 and batch_size >= 1):
-        raise ValueError(f"build: need 1 <= U <= 65535, temperature > 0, shard_size >= 1, batch_size >= 1")
+    if not (1 <= U <= 65535 and temperature > 0 and batch_size >= 1):
+        raise ValueError(f"build: need 1 <= U <= 65535, temperature > 0, batch_size >= 1")
     if not 0 <= rank < world_size:
         raise ValueError(f"build: rank {rank} not in [0, world_size={world_size})")
-    V = int(meta["vocab_size"]) if "vocab_size" in meta else None
-    if V is None:
+    if "vocab_size" not in meta:
         raise ValueError("build: meta is missing 'vocab_size'")
+    V = int(meta["vocab_size"])
     plan = _plan(meta, V, T, U, temperature, seed, shard_size, sids)
+    if plan["bytes_per_class"] > 3 and rank == 0:
+        warnings.warn(f"teacher cache {cache_dir}: V={V} needs {plan['id_bits']} id bits and U={U} needs "
+                      f"{plan['count_bits']} count bits: {plan['bytes_per_class']} bytes a class instead of 3 "
+                      f"(still lossless)", stacklevel=2)
     os.makedirs(cache_dir, exist_ok=True)
     plan_path = os.path.join(cache_dir, PLAN)
     if os.path.exists(plan_path):
         old = _read_json(plan_path)                                    # never mix two runs in one dir
+        _check_format(plan_path, old)
         _diff(plan_path, old, plan, sorted(set(old) | set(plan)))
     else:
         _write_json(plan_path, plan)
@@ -465,7 +395,8 @@ def build(cache_dir, teacher_fn, input_ids, sample_ids, meta, U=64, temperature=
         if rec is not None:
             if rec["tokens_sha256"] != _tokens_sha(input_ids[lo:hi]):
                 raise CacheMismatchError(f"{os.path.join(cache_dir, _shard_name(i) + '.json')}: built from "
-                                         f"other tokens than input_ids[{lo}:{hi}] (data changed); use a new cache_dir")
+                                         f"other tokens than input_ids[{lo}:{hi}] (data changed); use a new "
+                                         f"cache_dir")
             continue
         todo.append(i)
     bar = None
@@ -473,23 +404,17 @@ def build(cache_dir, teacher_fn, input_ids, sample_ids, meta, U=64, temperature=
         from tqdm import tqdm
         n_todo = sum(min(N, (i + 1) * shard_size) - i * shard_size for i in todo)
         bar = tqdm(total=n_todo, desc=f"teacher cache {cache_dir}", unit="seq")
-    pb = plan["prob_bits"]
     for i in todo:
         lo, hi = i * shard_size, min(N, (i + 1) * shard_size)
         w = _ShardWriter(cache_dir, i, plan)
         for s in range(lo, hi, batch_size):
             e = min(hi, s + batch_size)
-            logits = teacher_fn(input_ids[s:e])                                   # (b, T, V)
+            logits = teacher_fn(input_ids[s:e])                                   # (b, T, V) on its device
             if tuple(logits.shape) != (e - s, T, V):
                 raise ValueError(f"build: teacher_fn returned logits {tuple(logits.shape)}, "
                                  f"expected {(e - s, T, V)} (meta vocab_size={V})")
-            u = torch.cat([torch.rand(T, U, dtype=torch.float64,
-                                      generator=torch.Generator().manual_seed(_seq_seed(seed, sid)))
-                           for sid in sids[s:e]])                                 # (b*T, U)
-            ids, q = sample_classes(logits.reshape((e - s) * T, V), u, temperature, pb)
-            keep = q > 0                                                          # (b*T, U)
-            counts = keep.sum(-1).reshape(e - s, T).cpu().numpy()
-            w.add(sids[s:e], counts, ids[keep].cpu().numpy(), q[keep].cpu().numpy())
+            w.add(sids[s:e], *_draw(logits, sids[s:e], U, temperature, seed, chunk_size))
+            del logits
             if bar is not None:
                 bar.update(e - s)
         w.close(_tokens_sha(input_ids[lo:hi]))
@@ -500,6 +425,22 @@ def build(cache_dir, teacher_fn, input_ids, sample_ids, meta, U=64, temperature=
     return cache_dir
 
 
+def open_or_build(cache_dir, teacher_fn, packed, meta, U, temperature, seed, shard_size=256, rank=0,
+                  world_size=1, barrier=None, progress=True, log=print):
+    """The cache of `packed` (data.Packed) at cache_dir: built once if missing (sharded over ranks; `barrier`
+    syncs them, then rank 0 writes the header), then opened and checked against this run's numbers."""
+    if not os.path.exists(os.path.join(cache_dir, HEADER)):
+        log(f"building teacher cache {cache_dir}")
+        build(cache_dir, teacher_fn, packed.input_ids, packed.sample_ids, meta, U=U, temperature=temperature,
+              seed=seed, rank=rank, world_size=world_size, shard_size=shard_size, progress=progress)
+        if barrier is not None:
+            barrier()
+            if rank == 0:
+                finalize(cache_dir)
+            barrier()
+    return open_cache(cache_dir, dict(meta, U=U, temperature=temperature, seed=seed))
+
+
 def finalize(cache_dir):
     """Write header.json once every shard of the plan is complete (rank 0 after a barrier in DDP).
 
@@ -508,15 +449,17 @@ def finalize(cache_dir):
     """
     plan_path = os.path.join(cache_dir, PLAN)
     if not os.path.exists(plan_path):
-        raise FileNotFoundError(f"{plan_path}: no build plan; run build() first")
+        raise CacheNotFoundError(f"{plan_path}: no build plan; run build() first")
     plan = _read_json(plan_path)
+    _check_format(plan_path, plan)
     recs, missing = [], []
     for i in range(plan["num_shards"]):
         rec = _shard_complete(cache_dir, i)
         (missing.append(i) if rec is None else recs.append(rec))
     if missing:
         raise CacheCorruptError(f"{cache_dir}: shards {missing[:20]}{' ...' if len(missing) > 20 else ''} "
-                                f"of {plan['num_shards']} are missing or incomplete; rerun build on their ranks")
+                                f"of {plan['num_shards']} are missing or incomplete; rerun build on their "
+                                f"ranks")
     positions = plan["num_samples"] * plan["seq_len"]
     kept = sum(r["kept"] for r in recs)
     data_bytes = sum(r["data_bytes"] for r in recs)
@@ -532,15 +475,14 @@ def finalize(cache_dir):
 # ----------------------------------------------------------------------------- read
 
 class TeacherCache:
-    """Read side of a finished cache. Use open_cache(); get(sample_ids) -> (ids, probs)."""
+    """Read side of a finished cache. Use open_cache(); get(sample_ids) -> (ids, probs = counts / U)."""
 
     def __init__(self, cache_dir, header, verify):
         self.dir, self.header, self.verify = cache_dir, header, verify
         h = header
         self.V, self.T, self.U = h["vocab_size"], h["seq_len"], h["U"]
         self.nb = h["bytes_per_class"]
-        self.M = (1 << h["prob_bits"]) - 1
-        self.cdt = np.dtype(h["count_dtype"]).newbyteorder("<")
+        self.kdt = np.dtype(h["kept_dtype"]).newbyteorder("<")
         self.shards = h["shards"]
         sids, offs, where = [], [], []
         for j, r in enumerate(self.shards):
@@ -559,7 +501,7 @@ class TeacherCache:
         self._sorted = self._sids[self._order]
         if (self._sorted[1:] == self._sorted[:-1]).any():
             raise CacheCorruptError(f"{cache_dir}: duplicate sample ids across shards")
-        self._data, self._counts, self._checked = {}, {}, set()
+        self._data, self._kept, self._checked = {}, {}, set()
 
     @property
     def sample_ids(self):
@@ -568,7 +510,7 @@ class TeacherCache:
     @property
     def bytes_on_disk(self):
         return sum(os.path.getsize(os.path.join(self.dir, f)) for f in os.listdir(self.dir)
-                   if not f.startswith(".tmp."))
+                   if not f.startswith(TMP_PREFIX))
 
     def __len__(self):
         return len(self._sids)
@@ -586,9 +528,9 @@ class TeacherCache:
             n = r["num_samples"]
             self._data[j] = np.memmap(os.path.join(self.dir, r["data_file"]), np.uint8, "r",
                                       shape=(r["kept"] * self.nb,))
-            self._counts[j] = np.memmap(os.path.join(self.dir, r["index_file"]), self.cdt, "r",
-                                        offset=8 * (2 * n + 1), shape=(n, self.T))
-        return self._data[j], self._counts[j]
+            self._kept[j] = np.memmap(os.path.join(self.dir, r["index_file"]), self.kdt, "r",
+                                      offset=8 * (2 * n + 1), shape=(n, self.T))
+        return self._data[j], self._kept[j]
 
     def locate(self, sample_ids):
         """(B,) sample ids -> (B, 2) [shard, row]; KeyError naming the ids that are not cached."""
@@ -600,24 +542,26 @@ class TeacherCache:
                            f"({len(self._sids)} samples)")
         return self._where[self._order[i]]
 
-    def get(self, sample_ids, pad_to_u=False):
-        """sample_ids (B,) -> ids (B, T, Umax) int64, probs (B, T, Umax) fp32; padding has prob 0, id 0.
-
-        Umax = the most kept classes at any position of these rows (U with pad_to_u=True, for static
-        shapes). Each row's classes are one contiguous memmap slice; decoding and the scatter to the
-        dense layout are vectorised over the whole batch.
-        """
+    def counts(self, sample_ids):
+        """The stored draws, undecoded: ids (K,) int64, counts (K,) int64 of every kept class (position-
+        major), and kept (B, T) int64 classes per position."""
         loc = self.locate(sample_ids)
-        B, T = len(loc), self.T
-        chunks, cnts = [], np.empty((B, T), np.int64)
+        chunks, kept = [], np.empty((len(loc), self.T), np.int64)
         for b, (j, r) in enumerate(loc):                               # B slices, not B*T
-            data, counts = self._shard(int(j))
+            data, kp = self._shard(int(j))
             o = self._offs[j]
             chunks.append(data[o[r] * self.nb:o[r + 1] * self.nb])
-            cnts[b] = counts[r]
-        flat = np.concatenate(chunks).reshape(-1, self.nb)            # (K, nb)
-        cid, cq = _unpack_np(flat, self.V)                            # (K,)
-        n = cnts.reshape(-1)                                          # (B*T,)
+            kept[b] = kp[r]
+        cid, cnt = _unpack_np(np.concatenate(chunks).reshape(-1, self.nb), self.V, self.U)
+        return cid, cnt, kept
+
+    def get(self, sample_ids, pad_to_u=False):
+        """sample_ids (B,) -> ids (B, T, Umax) int64, probs (B, T, Umax) fp32 = counts / U exactly (the
+        online RS-KD target); padding has prob 0, id 0. Umax = the most kept classes at any position of
+        these rows (U with pad_to_u=True, for static shapes)."""
+        cid, cnt, kept = self.counts(sample_ids)
+        B, T = kept.shape
+        n = kept.reshape(-1)                                          # (B*T,)
         umax = self.U if pad_to_u else int(n.max())
         # classes are stored position-major, so filling the (B*T, umax) slots below each position's
         # count in row-major order puts every class in place without an index computation
@@ -625,8 +569,26 @@ class TeacherCache:
         ids = np.zeros((B * T, umax), np.int64)
         probs = np.zeros((B * T, umax), np.float32)
         ids[mask] = cid
-        probs[mask] = cq.astype(np.float32) * np.float32(1.0 / self.M)
+        probs[mask] = cnt.astype(np.float32) / np.float32(self.U)     # one correctly rounded fp32 division
         return (torch.from_numpy(ids.reshape(B, T, umax)), torch.from_numpy(probs.reshape(B, T, umax)))
+
+    def check_counts(self, batch=64):
+        """Decode every position and check its counts sum to U and its ids are distinct and < V (a
+        semantic check on top of the checksums). Returns the number of positions checked."""
+        for s in range(0, len(self._sids), batch):
+            sids = self._sids[s:s + batch]
+            cid, cnt, kept = self.counts(sids)
+            n = kept.reshape(-1)
+            ok = (n >= 1).all() and n.sum() == len(cnt)
+            if ok:
+                sums = np.add.reduceat(cnt, np.concatenate([[0], np.cumsum(n)[:-1]]))
+                pos = np.repeat(np.arange(len(n)), n)
+                ok = ((sums == self.U).all() and (cid < self.V).all()
+                      and len(np.unique(pos * self.V + cid)) == len(cid))
+            if not ok:
+                raise CacheCorruptError(f"{self.dir}: sample ids {sids[:4].tolist()}...: stored counts do not "
+                                        f"sum to U={self.U} at every position (or repeat a class): rebuild")
+        return len(self._sids) * self.T
 
 
 def _verify_shard(d, rec, full):
@@ -636,38 +598,44 @@ def _verify_shard(d, rec, full):
         if not os.path.exists(p):
             raise CacheCorruptError(f"{p}: missing shard file")
         if os.path.getsize(p) != n:
-            raise CacheCorruptError(f"{p}: truncated or wrong size: {os.path.getsize(p)} bytes, header says {n}")
+            raise CacheCorruptError(f"{p}: truncated or wrong size: {os.path.getsize(p)} bytes, "
+                                    f"header says {n}")
         if full and _sha256_file(p) != h:
-            raise CacheCorruptError(f"{p}: sha256 checksum mismatch: the file is corrupted")
+            raise CacheCorruptError(f"{p}: sha256 checksum mismatch: the file is corrupted (rebuild the cache)")
 
 
 def _read_header(cache_dir):
     if not os.path.isdir(cache_dir):
-        raise FileNotFoundError(f"{cache_dir}: teacher cache directory does not exist")
+        raise CacheNotFoundError(f"{cache_dir}: teacher cache directory does not exist")
     hp = os.path.join(cache_dir, HEADER)
     if not os.path.exists(hp):
         if os.path.exists(os.path.join(cache_dir, PLAN)):
             raise CacheCorruptError(f"{hp}: missing: the build of this cache is incomplete "
                                     f"(rerun build with the same arguments to resume)")
-        raise FileNotFoundError(f"{hp}: missing: {cache_dir} is not a teacher cache")
+        raise CacheNotFoundError(f"{hp}: missing: {cache_dir} is not a teacher cache")
     h = _read_json(hp)
-    if h.get("format_version") != FORMAT_VERSION:
-        raise CacheMismatchError(f"{hp}: format_version: cache={h.get('format_version')!r} run={FORMAT_VERSION}")
+    if not isinstance(h, dict):
+        raise CacheCorruptError(f"{hp}: not a cache header (a JSON object expected)")
+    _check_format(hp, h)
     return h
 
 
 def open_cache(cache_dir, expect=None, verify="full"):
-    """Open a finished cache; `expect` = meta keys + U + temperature of this run (None: no check).
+    """Open a finished cache; `expect` = meta keys + U + temperature (+ seed) of this run (None: no check).
 
-    verify: "full" checks sizes and sha256 of every file now (~1.5 s per GB on one core), "lazy"
-    checks sizes now and each shard's sha256 on its first read, "size" only sizes.
-    CacheMismatchError names header.json and each differing key; CacheCorruptError names the file.
+    Every key of expect is compared, and so is `dtype` whenever the cache recorded it (a run that does not
+    say its dtype cannot reuse a cache built under a known one). verify: "full" checks sizes and sha256
+    of every file now (~1.5 s per GB on one core), "lazy" checks sizes now and each shard's sha256 on its
+    first read, "size" only sizes. Raises CacheMismatchError (names header.json and each differing key,
+    or an old format: rebuild), CacheCorruptError (names the file), CacheNotFoundError: all UserError.
     """
     if verify not in ("full", "lazy", "size"):
         raise ValueError(f"open_cache: verify must be 'full', 'lazy' or 'size', got {verify!r}")
+    cache_dir = os.fspath(cache_dir)
     h = _read_header(cache_dir)
     if expect is not None:
-        _diff(os.path.join(cache_dir, HEADER), h, expect, list(expect))
+        keys = list(expect) + [k for k in _OPTIONAL_KEYS if k in h and k not in expect]
+        _diff(os.path.join(cache_dir, HEADER), h, expect, keys)
     for r in h["shards"]:
         _verify_shard(cache_dir, r, full=verify == "full")
     return TeacherCache(cache_dir, h, verify)
@@ -686,12 +654,13 @@ def save_selection(path, kept_ids, config):
         raise ValueError("save_selection: config must contain 'data_fingerprint' so another data set "
                          "never reuses this selection")
     ids = torch.as_tensor(kept_ids).to(torch.int64).reshape(-1).tolist()
-    _write_json(path, dict(format_version=FORMAT_VERSION, config=_norm(config), num_kept=len(ids), kept_ids=ids))
+    _write_json(path, dict(format_version=SELECTION_VERSION, config=_norm(config), num_kept=len(ids),
+                           kept_ids=ids))
 
 
 def load_selection(path, config):
     """Kept sample ids (K,) LongTensor, or None when `path` is absent or was scored with another config
-    (the caller then rescoring and overwrites). config must contain 'data_fingerprint' (see save)."""
+    (the caller then rescores and overwrites). config must contain 'data_fingerprint' (see save)."""
     if "data_fingerprint" not in config:
         raise ValueError("load_selection: config must contain 'data_fingerprint'")
     if not os.path.exists(path):
@@ -699,7 +668,7 @@ def load_selection(path, config):
     d = _read_json(path)
     if not isinstance(d, dict) or "kept_ids" not in d or len(d["kept_ids"]) != d.get("num_kept"):
         raise CacheCorruptError(f"{path}: not a valid selection file")
-    if d.get("format_version") != FORMAT_VERSION or d["config"] != _norm(config):
+    if d.get("format_version") != SELECTION_VERSION or d["config"] != _norm(config):
         return None
     return torch.tensor(d["kept_ids"], dtype=torch.int64)
 
@@ -708,21 +677,40 @@ def load_selection(path, config):
 
 def _cmd_estimate(a):
     est = estimate_storage(a.tokens, a.vocab, a.u, a.l)
+    nb = bytes_per_class(a.vocab, a.u)
     print(f"Teacher-target storage (paper Table 6): {a.tokens:.3g} tokens, V={a.vocab}, U={a.u}, l={a.l}, "
-          f"{bytes_per_class(a.vocab)} bytes/class ({id_bits(a.vocab)} id + {prob_bits(a.vocab)} prob bits)\n")
+          f"{nb} bytes/class ({id_bits(a.vocab)} id + {count_bits(a.u)} count bits, lossless)\n")
     print("| method | bytes/position | TB |")
     print("|---|---:|---:|")
     for k, v in est.items():
         print(f"| {k} | {v['bytes_per_position']:,.1f} | {v['tb']:,.2f} |")
+    full = est["Full KD (fp16 logits)"]
+    print(f"\nFull KD: 2 bytes x V={a.vocab:,} fp16 logits = {full['bytes_per_position']:,.0f} bytes a "
+          f"position, "
+          f"x {a.tokens:.3g} positions = {full['tb']:,.0f} TB.")
+    print(f"RS-KD: at most U={a.u} classes x {nb} bytes (a cache keeps unique classes, + ~1 index byte a "
+          f"position: `cache.py inspect DIR` measures one).")
+    print("CE only: 0 TB, nothing to store: its target is the next token, already in the training data.")
 
 
 def _cmd_inspect(a):
     h = _read_header(a.dir)
+    c = open_cache(a.dir, verify="size" if a.no_verify else "full")
+    checked = 0 if a.no_verify else c.check_counts()
     show = {k: v for k, v in h.items() if k not in ("shards", "totals")}
     print(json.dumps(show, indent=1, sort_keys=True))
     t = h["totals"]
-    files = [f for f in os.listdir(a.dir) if not f.startswith(".tmp.")]
+    files = [f for f in os.listdir(a.dir) if not f.startswith(TMP_PREFIX)]
     disk = sum(os.path.getsize(os.path.join(a.dir, f)) for f in files)
+    print(f"format                 {h['format_version']}: {h['bytes_per_class']} bytes/class = "
+          f"{h['id_bits']} id + {h['count_bits']} count bits (count - 1), whole bytes")
+    print(f"lossless               yes: targets are the exact counts / U={h['U']} of the draw "
+          f"(nothing rounded)")
+    if a.no_verify:
+        print("verified               sizes only (--no-verify): checksums and counts NOT checked")
+    else:
+        print(f"verified               sha256 of {2 * len(h['shards'])} files ok; counts sum to U at all "
+              f"{checked:,} positions")
     print(f"shards                 {len(h['shards'])}")
     print(f"positions              {t['positions']:,}")
     print(f"mean kept classes      {t['kept_classes'] / t['positions']:.2f} (of U={h['U']})")
@@ -747,11 +735,9 @@ def _cmd_bench(a):
             lo, hi = i * a.shard_size, min(N, (i + 1) * a.shard_size)
             w = _ShardWriter(d, i, plan)
             for s in range(lo, hi):
-                counts = rng.integers(max(1, a.kept // 2), min(U, a.kept * 3 // 2) + 1, size=(1, T))
-                K = int(counts.sum())
-                ids = rng.integers(0, V, size=K)
-                q = rng.integers(1, 1 << plan["prob_bits"], size=K)
-                w.add(sids[s:s + 1], counts, ids, q)
+                kept = rng.integers(max(1, a.kept // 2), min(U, a.kept * 3 // 2) + 1, size=(1, T))
+                K = int(kept.sum())
+                w.add(sids[s:s + 1], kept, rng.integers(0, V, size=K), rng.integers(1, U + 1, size=K))
             w.close("-")
         finalize(d)
         t_write = time.time() - t0
@@ -781,8 +767,9 @@ def main(argv=None):
     e.add_argument("--u", type=int, default=64)
     e.add_argument("--l", type=float, default=0.2, help="fraction of samples kept by sample selection")
     e.set_defaults(fn=_cmd_estimate)
-    i = sub.add_parser("inspect", help="header and measured sizes of a cache directory")
+    i = sub.add_parser("inspect", help="verify a cache directory (checksums, counts) and show its sizes")
     i.add_argument("dir")
+    i.add_argument("--no-verify", action="store_true", help="check file sizes only (skip sha256 and counts)")
     i.set_defaults(fn=_cmd_inspect)
     b = sub.add_parser("bench", help="time TeacherCache.get on a synthetic cache")
     b.add_argument("--vocab", type=int, default=151_936)
@@ -795,7 +782,11 @@ def main(argv=None):
     b.add_argument("--iters", type=int, default=20)
     b.set_defaults(fn=_cmd_bench)
     a = p.parse_args(argv)
-    a.fn(a)
+    try:
+        a.fn(a)
+    except (UserError, ValueError) as err:                             # known bad input: one line, exit 2
+        print(f"cache.py {a.cmd}: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

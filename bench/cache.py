@@ -6,7 +6,7 @@ bytes per position instead of 2V bytes of fp16 logits. This script builds a real
 on the offline default data (SmolLM2-135M teacher over the stdlib corpus of data.py) and reports:
 
     storage      measured bytes/position (data + index, and on disk incl. JSON) vs the format's theory
-                 (bytes_per_class x measured mean kept classes + 1 count byte + 16 B/sequence; upper
+                 (bytes_per_class x measured mean kept classes + 1 index byte + 16 B/sequence; upper
                  bound U x bytes_per_class) and vs fp16 full logits (2V bytes), as a ratio
     build        positions/s of cache.build (teacher forward + sampling + packing + writing), and
                  without the teacher forward (the part the cache format itself costs)
@@ -50,7 +50,8 @@ READ_TARGET = 20.0  # reading must be >= 20x faster than training consumes posit
 LAYERS = "0,4,8,12,16,20,24,29"  # the tiny preset's student
 
 
-from benchutil import machine, write_json  # noqa: E402
+from benchutil import machine  # noqa: E402
+from common import atomic_json  # noqa: E402
 
 
 
@@ -70,7 +71,7 @@ def train_throughput(student, tc, packed, V, B, steps, k, chunk, device):
         scores = selection.chunked_scores("student_entropy", hs.detach(), Ws.detach(), y, chunk_size=chunk)
         w = selection.POLICIES["top_k"](scores, valid, k)
         sel = w > 0
-        rw = w[sel] / max(int(sel.any(1).sum()), 1)
+        rw = losses.normalise_by_samples(w)[sel]  # Eq. 4: per-sequence normalisation
         teacher = losses.SparseTeacher(ids.to(device)[sel], probs.to(device)[sel])
         loss = losses.head_loss(hs[sel], Ws, y[sel], rw, teacher, chunk_size=chunk)
         loss.backward()
@@ -139,10 +140,12 @@ def main(argv=None):
 
     t_teacher = [0.0]
 
-    def teacher_fn(x):  # (b, T) -> (b, T, V) fp32 on CPU; the only place full teacher logits exist
+    def teacher_fn(x):  # (b, T) -> (b, T, V) on the teacher's device: cache.build samples there
         t = time.perf_counter()
         with torch.no_grad():
-            z = (models.trunk(teacher, x.to(a.device)) @ models.head_weight(teacher, V).T).float().cpu()
+            z = models.trunk(teacher, x.to(a.device)) @ models.head_weight(teacher, V).T
+        if z.is_cuda:
+            torch.cuda.synchronize()  # time the forward, not just its launch
         t_teacher[0] += time.perf_counter() - t
         return z
 
@@ -152,7 +155,7 @@ def main(argv=None):
     if os.path.exists(os.path.join(d, cache.HEADER)):
         raise SystemExit(f"--cache-dir {root}: {d} already holds a cache; give an empty directory to time a build")
     meta = dict(teacher=models.DEFAULT_TEACHER, vocab_size=V, seq_len=T, tokenizer_fingerprint=tok_fp,
-                data_fingerprint=train.fingerprint)
+                data_fingerprint=train.fingerprint, dtype=str(dtype))
     try:
         t0 = time.perf_counter()
         cache.build(d, teacher_fn, train.input_ids, train.sample_ids, meta, U=a.u, temperature=1.0,
@@ -167,8 +170,8 @@ def main(argv=None):
         disk = tc.bytes_on_disk
         nb = h["bytes_per_class"]
         mean_kept = tot["kept_classes"] / pos
-        count_b = np.dtype(h["count_dtype"]).itemsize
-        theory = nb * mean_kept + count_b + 16.0 / T  # data + per-position count + 2 int64 per sequence
+        count_b = np.dtype(h["kept_dtype"]).itemsize
+        theory = nb * mean_kept + count_b + 16.0 / T  # data + kept-classes byte a position + 2 int64 a sequence
         measured = (tot["data_bytes"] + tot["index_bytes"]) / pos
         fp16 = 2.0 * V
         build_pps = pos / t_build
@@ -183,7 +186,7 @@ def main(argv=None):
 
     est = {f"V={v}": cache.estimate_storage(100e9, v, a.u, 0.2) for v in (100_000, 151_936)}
     res = dict(machine=mach, argv=sys.argv, quick=a.quick, V=V, N=N, T=T, U=a.u, positions=pos,
-               bytes_per_class=nb, id_bits=h["id_bits"], prob_bits=h["prob_bits"], mean_kept=mean_kept,
+               bytes_per_class=nb, id_bits=h["id_bits"], count_bits=h["count_bits"], mean_kept=mean_kept,
                bytes_per_position_measured=measured, bytes_per_position_on_disk=disk / pos,
                bytes_per_position_theory=theory, bytes_per_position_upper_bound=float(a.u * nb),
                bytes_per_position_fp16_logits=fp16, index_fraction=tot["index_fraction"],
@@ -194,14 +197,14 @@ def main(argv=None):
                measured_100B_tb=measured * 100e9 / 1e12)
 
     print(f"\n### RS-KD cache: {N} x {T} positions of the offline default data, V={V}, U={a.u}, "
-          f"{nb} bytes/class ({h['id_bits']} id + {h['prob_bits']} prob bits)\n")
+          f"{nb} bytes/class ({h['id_bits']} id + {h['count_bits']} count bits, lossless)\n")
     print("| quantity | value |")
     print("|---|---:|")
     rows = [
         ("mean kept classes / position", f"{mean_kept:.2f} of U={a.u}"),
         ("bytes/position measured (data + index)", f"{measured:.2f}"),
         ("bytes/position on disk (incl. JSON)", f"{disk / pos:.2f}"),
-        ("bytes/position theory (bytes/class x kept + count + 16/T)", f"{theory:.2f}"),
+        ("bytes/position theory (bytes/class x kept + 1 index byte + 16/T)", f"{theory:.2f}"),
         ("bytes/position upper bound (U x bytes/class)", f"{a.u * nb:.0f}"),
         ("bytes/position fp16 full logits (2V)", f"{fp16:,.0f}"),
         ("index share of data", f"{tot['index_fraction']:.1%}"),
@@ -237,7 +240,7 @@ def main(argv=None):
         print(f"RATIO {name} {which} = {v:.4g}")
     res["ratios"] = {f"{n} {w}": v for n, w, v in ratios}
     if a.out:
-        write_json(a.out, res)
+        atomic_json(a.out, res, indent=1)
     return res
 
 
