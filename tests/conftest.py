@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random HF models and a tiny byte-level BPE tokenizer, built offline."""
+import json
 import os
 import sys
 
@@ -69,3 +70,55 @@ def train_args(tiny_dir, out, *extra):
     return ["--teacher", str(tiny_dir / "teacher"), "--student-layers", "0,3", "--data", str(tiny_dir / "corpus"),
             "--seq-len", "32", "--tokens", "1024", "--eval-tokens", "256", "--batch-size", "4", "--lr", "3e-3",
             "--out-dir", str(out), "--log-every", "1", "--entropy-chunk", "16", "--no-save-model", *extra]
+
+
+def make_qwen3(tok, layers, hidden=32, seed=0, vocab_size=None):
+    """A tiny Qwen3-architecture causal LM; vocab_size (the head's rows) defaults to len(tok) + 1 padded
+    up to a multiple of 64, like Qwen's 151,936 rows for 151,669 tokens."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=vocab_size or -(-(len(tok) + 1) // 64) * 64, hidden_size=hidden,
+                      intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=512,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, tie_word_embeddings=False)
+    return Qwen3ForCausalLM(cfg)
+
+
+@pytest.fixture(scope="session")
+def qwen_pair(tmp_path_factory):
+    """The real user's path on CPU stand-ins: a saved tiny Qwen3 teacher (4 layers) and student (2 layers,
+    its own random init), one byte-level BPE tokenizer saved with each, the head padded past the tokenizer
+    (config.vocab_size = padded_vocab > vocab = len(tok)), and a data dir with one file of each kind.
+
+    Returns a dict: teacher, student (dirs), vocab, padded_vocab, data (dir), txt, jsonl, parquet (files,
+    each enough for `train.py --teacher T --student S --data FILE --seq-len 32 --tokens 1024
+    --eval-tokens 64 --dtype bf16`: every file holds >= 3 documents, so it has val and test text).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    d = tmp_path_factory.mktemp("qwen")
+    tok = make_tokenizer()
+    padded = -(-(len(tok) + 1) // 64) * 64  # 300 tokens -> 320 rows
+    for name, layers, seed, gain in (("teacher", 4, 0, 40.0), ("student", 2, 1, 1.0)):
+        model = make_qwen3(tok, layers, seed=seed, vocab_size=padded)
+        with torch.no_grad():  # a peaked teacher: random init is near-uniform
+            model.lm_head.weight.mul_(gain)
+        model.save_pretrained(d / name)
+        tok.save_pretrained(d / name)
+    words = TEXT.split()
+    g = torch.Generator().manual_seed(0)
+
+    def doc(n_words):
+        idx = torch.randint(0, len(words), (n_words,), generator=g).tolist()
+        return " ".join(words[j] for j in idx)
+
+    data_dir = d / "data"
+    data_dir.mkdir()
+    # .txt: ~40 chunks of ~MAX_DOC_CHARS (data.py cuts at line boundaries), so one file splits per chunk
+    (data_dir / "corpus.txt").write_text("".join(doc(12) + "\n" for _ in range(40 * 60)))
+    docs = [doc(150) for _ in range(60)]
+    (data_dir / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    pq.write_table(pa.table({"text": docs, "id": list(range(len(docs)))}), data_dir / "corpus.parquet")
+    return {"teacher": d / "teacher", "student": d / "student", "vocab": len(tok),
+            "padded_vocab": padded, "data": data_dir,
+            **{kind: data_dir / f"corpus.{kind}" for kind in ("txt", "jsonl", "parquet")}}

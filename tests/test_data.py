@@ -1,10 +1,12 @@
 """Packing exactness, masks, budgets, determinism, split disjointness and bad-input errors."""
 import json
+import os
 
 import pytest
 import torch
 
 import data
+from common import UserError
 
 
 def test_pack_boundaries_and_mask():
@@ -40,8 +42,8 @@ def test_load_splits_deterministic_and_disjoint(tiny_dir, tiny_tok):
     assert not torch.equal(a["train"].tokens, c["train"].tokens)  # the seed orders documents
     # held-out documents never reach training, for any seed
     keys = {s: set() for s in ("train", "val", "test")}
-    for key, _ in data.iter_documents(str(tiny_dir / "corpus"), seed=0):
-        keys[data.split_of(key)].add(key)
+    for key, _, split in data.iter_documents(str(tiny_dir / "corpus"), seed=0):
+        keys[split].add(key)
     assert keys["val"] and keys["test"] and keys["train"]
     assert not (keys["train"] & keys["val"]) and not (keys["train"] & keys["test"])
     assert data.split_of("x.txt#0") == data.split_of("x.txt#5")  # chunks of one file share its split
@@ -49,13 +51,12 @@ def test_load_splits_deterministic_and_disjoint(tiny_dir, tiny_tok):
 
 def test_stdlib_corpus_exists_and_splits():
     docs = []
-    for key, text in data.iter_documents(None, seed=0):
-        docs.append((key, text))
+    for key, text, split in data.iter_documents(None, seed=0):
+        docs.append((key, text, split))
         if len(docs) >= 400:
             break
-    assert len(docs) == 400 and all(len(t) <= data.MAX_DOC_CHARS * 2 for _, t in docs)
-    splits = {data.split_of(k) for k, _ in docs}
-    assert splits == {"train", "val", "test"}
+    assert len(docs) == 400 and all(len(t) <= data.MAX_DOC_CHARS * 2 for _, t, _ in docs)
+    assert {s for _, _, s in docs} == {"train", "val", "test"}
 
 
 def test_tiktoken_twin_is_exact_or_absent(tiny_tok):
@@ -72,17 +73,17 @@ def test_jsonl_and_bad_inputs(tmp_path, tiny_tok):
     p.write_text("\n".join(json.dumps({"text": f"document number {i} " * 20}) for i in range(50)))
     sp = data.load_splits(tiny_tok, str(p), seq_len=16, tokens=160, eval_tokens=16)
     assert len(sp["train"]) == 10
-    with pytest.raises(ValueError, match="--seq-len"):
+    with pytest.raises(UserError, match="--seq-len"):
         data.load_splits(tiny_tok, str(p), seq_len=1, tokens=160)
-    with pytest.raises(ValueError, match="--tokens"):
+    with pytest.raises(UserError, match="--tokens"):
         data.load_splits(tiny_tok, str(p), seq_len=16, tokens=8)
-    with pytest.raises(FileNotFoundError, match="--data"):
+    with pytest.raises(UserError, match="--data .*missing.txt: no such file"):
         data.load_splits(tiny_tok, str(tmp_path / "missing.txt"), seq_len=16, tokens=160)
-    with pytest.raises(ValueError, match="text_x"):
+    with pytest.raises(UserError, match="text_x.*--text-field"):
         data.load_splits(tiny_tok, str(p), seq_len=16, tokens=160, text_field="text_x")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    with pytest.raises(ValueError, match="no training text"):
+    with pytest.raises(UserError, match="train split is empty: no text in the source"):
         data.load_splits(tiny_tok, str(empty), seq_len=16, tokens=160)
 
 
@@ -96,3 +97,118 @@ def test_gsm8k_prompt_masked(tmp_path, tiny_tok):
         sup = tiny_tok.decode(tr.targets[b][v])
         assert "####" in sup and "Question" not in sup  # answer supervised, prompt masked
         assert int(tr.targets[b][v][-1]) == tiny_tok.eos_token_id  # the closing EOS is supervised
+
+
+# -----------------------------------------------------------------------------
+# issue 15 item 5: one file has a held-out split; issue 15 item 9: held-out only; issue 18 items 6, 10
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
+def test_single_file_has_heldout_split(qwen_pair, tiny_tok, kind):
+    path = str(qwen_pair[kind])
+    sp = data.load_splits(tiny_tok, path, seq_len=32, tokens=1024, eval_tokens=64)
+    assert len(sp["train"]) == 32 and len(sp["val"]) == 2 and len(sp["test"]) == 2
+    keys = {s: set() for s in ("train", "val", "test")}
+    for key, _, split in data.iter_documents(path, seed=0):
+        keys[split].add(key)
+    assert keys["val"] and keys["test"] and not (keys["train"] & (keys["val"] | keys["test"]))
+    for split in ("val", "test"):  # held-out sequences hold none of the training sequences' text
+        train_rows = {tuple(r) for r in sp["train"].tokens[:, :-1].tolist()}
+        assert not train_rows & {tuple(r) for r in sp[split].tokens[:, :-1].tolist()}
+
+
+def test_txt_chunks_split_one_by_one(qwen_pair):
+    splits = {}
+    for key, _, split in data.iter_documents(str(qwen_pair["txt"]), seed=0):
+        assert key.startswith("corpus.txt#")
+        splits[key] = split
+    assert len(splits) >= 30 and set(splits.values()) == {"train", "val", "test"}
+    assert data.file_splits(["a"]) == {"a": data.split_of("a")}  # one document: the hash alone decides
+
+
+def test_default_corpus_split_is_still_per_file():
+    """The stdlib corpus keeps its per-file split (the README's numbers rest on it): every chunk's split
+    is the old rule's, sha256 of the file's relative path mod 100 (< 3 val, < 6 test)."""
+    def old(key):
+        b = int(__import__("hashlib").sha256(key.split("#", 1)[0].encode()).hexdigest()[:8], 16) % 100
+        return "val" if b < 3 else "test" if b < 6 else "train"
+    n = {"train": 0, "val": 0, "test": 0}
+    for key, _, split in data.iter_documents(None, seed=0):
+        assert split == old(key), key
+        n[split] += 1
+    assert n["val"] > 10 and n["test"] > 10
+
+
+def test_empty_heldout_split_is_a_clear_error(tmp_path, tiny_tok):
+    one = tmp_path / "one.txt"  # one short document: it cannot be both trained on and held out
+    one.write_text("a single short document about the quick brown fox, " * 40)
+    with pytest.raises(UserError, match=r"--data .*one.txt: the (val|test) split is empty: none of its 1 "):
+        data.load_splits(tiny_tok, str(one), seq_len=16, tokens=160, eval_tokens=16)
+    sp = data.load_splits(tiny_tok, str(one), seq_len=16, tokens=160, splits=("train",))
+    assert list(sp) == ["train"] and len(sp["train"]) > 0  # nothing held out asked, nothing missing
+    with pytest.raises(UserError, match="--eval-tokens"):
+        data.load_splits(tiny_tok, str(one), seq_len=16, tokens=160, eval_tokens=8)
+
+
+def test_heldout_only_never_tokenizes_the_training_budget(qwen_pair, tiny_tok, monkeypatch):
+    path = str(qwen_pair["jsonl"])
+    full = data.load_splits(tiny_tok, path, seq_len=32, tokens=1024, eval_tokens=64)
+    held = {t for _, t, s in data.iter_documents(path) if s != "train"}
+    encoded = []
+    make = data.make_encoder
+
+    def spy(*a, **k):
+        enc, name = make(*a, **k)
+        return (lambda texts: encoded.extend(texts) or enc(texts)), name
+    monkeypatch.setattr(data, "make_encoder", spy)
+    only = data.load_splits(tiny_tok, path, seq_len=32, tokens=10 ** 12, eval_tokens=64,
+                            splits=("val", "test"))
+    assert sorted(only) == ["test", "val"]
+    for s in ("val", "test"):
+        assert torch.equal(only[s].tokens, full[s].tokens) and only[s].fingerprint == full[s].fingerprint
+    assert encoded and set(encoded) <= held  # not one training document was tokenized
+
+
+def test_non_string_text_is_skipped_and_counted(tmp_path, tiny_tok, capsys):
+    good = [{"text": f"document number {i} is plain text. " * 20} for i in range(40)]
+    bad = [{"text": None}, {"text": 123}, {"text": ["a", "b"]}, {"text": 1.5}]
+    p = tmp_path / "mixed.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in bad[:2] + good + bad[2:]))
+    texts = [t for _, t, _ in data.iter_documents(str(p))]
+    assert len(texts) == 40 and not {"None", "123", "['a', 'b']", "1.5"} & set(texts)
+    stats = {}
+    data.load_splits(tiny_tok, str(p), seq_len=16, tokens=160, eval_tokens=16, stats=stats)
+    assert stats["skipped"] == {"null": 1, "int": 1, "list": 1, "float": 1}
+    assert "skipped 4 rows whose 'text' is not a string" in capsys.readouterr().err
+    only_bad = tmp_path / "bad.jsonl"
+    only_bad.write_text("".join(json.dumps(r) + "\n" for r in bad))
+    with pytest.raises(UserError, match="no text in the source .4 rows skipped"):
+        data.load_splits(tiny_tok, str(only_bad), seq_len=16, tokens=160)
+
+
+def test_bad_parquet_and_empty_sources_are_one_line_errors(tmp_path, tiny_tok):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    p = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"content": ["some text"] * 5, "n": [None, 1, 2, 3, 4]}), p)
+    with pytest.raises(UserError, match=r"--data .*rows.parquet: no column 'text' \(columns: content, n\); "
+                                        r"set --text-field"):
+        data.load_splits(tiny_tok, str(p), seq_len=16, tokens=160)
+    stats = {}
+    with pytest.raises(UserError, match="no text in the source .5 rows skipped"):  # a numeric column
+        data.load_splits(tiny_tok, str(p), seq_len=16, tokens=160, text_field="n", stats=stats)
+    bad = tmp_path / "broken.parquet"
+    bad.write_bytes(b"not a parquet file at all")
+    with pytest.raises(UserError, match="broken.parquet: not a readable .parquet file"):
+        data.load_splits(tiny_tok, str(bad), seq_len=16, tokens=160)
+    d = tmp_path / "nodata"
+    d.mkdir()
+    (d / "notes.csv").write_text("a,b\n")
+    with pytest.raises(UserError, match="nodata: the directory holds no .txt, .jsonl or .parquet file"):
+        data.load_splits(tiny_tok, str(d), seq_len=16, tokens=160)
+    with pytest.raises(UserError, match=r"\*.jsonl: matches no file"):
+        data.load_splits(tiny_tok, os.path.join(str(d), "*.jsonl"), seq_len=16, tokens=160)
+    for line, what in (("[1, 2]", "not a JSON object"), ("{oops", "not JSON")):
+        j = tmp_path / "odd.jsonl"
+        j.write_text(line + "\n")
+        with pytest.raises(UserError, match=f"odd.jsonl: line 1 is {what}"):
+            data.load_splits(tiny_tok, str(j), seq_len=16, tokens=160)

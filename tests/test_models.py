@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import losses
 import models
+from common import UserError
 from conftest import ROOT, make_model, make_tokenizer
 
 
@@ -34,13 +36,17 @@ def test_student_from_teacher_keeps_layers(tiny_dir):
     assert models.parse_layers("every:2", 5) == [0, 2, 4]
     assert models.parse_layers("every:3", 5) == [0, 3, 4]
     for bad in ["0,0", "9", "x", "every:0", ""]:
-        with pytest.raises(ValueError, match="--student-layers"):
+        with pytest.raises(UserError, match="--student-layers"):
             models.parse_layers(bad, 5)
+    with pytest.raises(UserError, match=r"^--student-layers '0,99': the teacher has 4 layers"):
+        models.parse_layers("0,99", 4)
+    with pytest.raises(UserError, match=r"^--student-layers \(the default of --preset paper\) '0,29'"):
+        models.parse_layers("0,29", 4, flag="--student-layers (the default of --preset paper)")
 
 
 def test_vocab_check(tiny_tok):
     other = make_tokenizer(vocab_size=280)
-    with pytest.raises(ValueError, match="tokenizers differ"):
+    with pytest.raises(UserError, match="--student: its tokenizer differs from the --teacher's"):
         models.check_vocab(tiny_tok, other)
     m = make_model(tiny_tok, layers=1)
     assert models.check_vocab(tiny_tok, tiny_tok, m, m) == len(tiny_tok)
@@ -54,11 +60,20 @@ def test_padded_head_is_cut(tiny_tok):
     assert models.check_vocab(tiny_tok, tiny_tok, m, m) == len(tiny_tok)
 
 
-def test_missing_model_is_clear():
-    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+def test_missing_model_is_clear(tmp_path):
+    with pytest.raises(UserError, match="^--teacher ./nope.gguf: model file not found"):
         models.load_model("./nope.gguf")
-    with pytest.raises(FileNotFoundError, match="model directory"):
-        models.load_model("./no/such/dir")
+    with pytest.raises(UserError, match="^--student ./no/such/dir: model directory not found"):
+        models.load_model("./no/such/dir", flag="--student")
+    with pytest.raises(UserError, match="model directory not found"):
+        models.load_model("no/such/dir")  # not a path that exists, and too deep for a hub id
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match=f"^--student {tmp_path}: not a model directory .no config.json"):
+        models.load_model(str(tmp_path), flag="--student")
+    with pytest.raises(UserError, match=f"^--teacher {tmp_path}: not a model directory"):
+        models.load_config(str(tmp_path))
+    with pytest.raises(UserError, match="notes.txt: not a model directory, .gguf file or hub id"):
+        models.load_tokenizer(str(tmp_path / "notes.txt"))
 
 
 def test_ece_hand_example():
@@ -124,3 +139,94 @@ def test_gguf_teacher_loads_with_finite_logits():
     # a real pretrained model: the next token of code is far more predictable than uniform
     ce = F.cross_entropy(logits[0, :-1], ids[0, 1:])
     assert float(ce) < 0.5 * math.log(49152)
+
+
+# -----------------------------------------------------------------------------
+# the user's path: a padded Qwen3 pair (issue 15 items 7, 8; issue 18 item 10)
+
+def test_qwen_pair_loads_in_bf16_with_padded_head(qwen_pair):
+    t, tok = models.load_model(str(qwen_pair["teacher"]), dtype=torch.bfloat16)
+    s, s_tok = models.load_model(str(qwen_pair["student"]), dtype=torch.bfloat16, flag="--student")
+    assert type(t).__name__ == "Qwen3ForCausalLM" and t.dtype == torch.bfloat16
+    rows = t.get_output_embeddings().weight.shape[0]
+    assert len(tok) == qwen_pair["vocab"] < qwen_pair["padded_vocab"] == rows
+    assert models.check_vocab(tok, s_tok, t, s) == qwen_pair["vocab"]
+    assert models.load_config(str(qwen_pair["teacher"])).num_hidden_layers == 4
+    assert s.config.num_hidden_layers == 2
+
+
+def test_generate_never_emits_padding_ids(qwen_pair):
+    model, tok = models.load_model(str(qwen_pair["student"]), flag="--student")
+    V = len(tok)
+    head = model.lm_head  # make the padding rows the likeliest by far: unmasked sampling would pick them
+    model.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(head.weight)
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[V:] = 100.0
+    x = torch.randint(2, V, (3, 5))
+    with torch.no_grad():
+        assert int(model(x).logits[:, -1].argmax(-1).min()) >= V  # the trap is set
+    out = models.generate(model, x, 12, V, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (3, 17) and torch.equal(out[:, :5], x)
+    assert int(out.max()) < V and int(out.min()) >= 0
+    again = models.generate(model, x, 12, V, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # the generator makes it reproducible
+
+
+def test_generate_with_kv_cache_matches_full_forward(tiny_tok):
+    model = make_model(tiny_tok, layers=2, seed=3).eval()
+    V = len(tiny_tok)
+    x = torch.randint(2, V, (2, 4))
+    out = models.generate(model, x, 6, V, generator=torch.Generator().manual_seed(7))
+    g, ids = torch.Generator().manual_seed(7), x  # the same draws, each from a full forward pass
+    with torch.no_grad():
+        for _ in range(6):
+            p = torch.softmax(model(ids).logits[:, -1].float(), -1)
+            ids = torch.cat([ids, torch.multinomial(p, 1, generator=g)], 1)
+    assert torch.equal(out, ids)
+
+
+def test_heldout_metrics_use_the_one_kl(tiny_tok, monkeypatch):
+    st, te = make_model(tiny_tok, layers=1, seed=1), make_model(tiny_tok, layers=2, seed=2)
+    x = torch.randint(2, len(tiny_tok), (2, 6))
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    calls = []
+    kl = losses.kl_per_position
+    spy = lambda s, t, *a, **k: calls.append((s, t)) or kl(s, t, *a, **k)  # noqa: E731
+    monkeypatch.setattr(losses, "kl_per_position", spy)
+    models.heldout_metrics(st, [(x, x, valid)], te, len(tiny_tok))
+    assert len(calls) == 1
+    with torch.no_grad():  # student logits first, teacher second (the contract's argument order)
+        assert torch.allclose(calls[0][0], st(x).logits[valid].float(), atol=1e-5)
+        assert torch.allclose(calls[0][1], te(x).logits[valid].float(), atol=1e-5)
+
+
+def test_hub_id_unreachable_is_fast_and_names_the_fix(monkeypatch):
+    import time
+    fake = "nano-sekd-tests/no-such-model-3f9a"  # never cached, never on the hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=f"^--teacher {fake}: not in the local Hugging Face cache and "
+                                        f"HF_HUB_OFFLINE is set: download it first"):
+        models.load_model(fake)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    t0 = time.time()
+    either = ("no such model on the Hugging Face hub|"
+              "not in the local Hugging Face cache and the hub cannot be reached .*HF_HUB_OFFLINE=1")
+    with pytest.raises(UserError, match=f"^--student {fake}: ({either})"):
+        models.load_model(fake, flag="--student")
+    assert time.time() - t0 < 15  # one quick check, not a minute of retries
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks CPU-only torch")
+def test_cuda_devices_on_cpu_only_torch_are_clear():
+    with pytest.raises(UserError, match="^--teacher-device cuda:0: this torch sees no CUDA GPU"):
+        models.pick_devices("cuda:0", None)
+    with pytest.raises(UserError, match="^--student-device cuda:1: this torch sees no CUDA GPU"):
+        models.pick_devices("cpu", "cuda:1")
+    with pytest.raises(UserError, match="^--student-device 'gpu0': not a device"):
+        models.pick_devices(None, "gpu0")
+    assert models.pick_devices() == ("cpu", "cpu")
+    models.reset_peak_memory("cuda:0")  # never raises: falls back to the process's RSS peak
+    assert models.peak_memory("cuda:0") > 0
