@@ -755,8 +755,8 @@ def load_responses(path: str) -> dict:
 
 
 def _atomic_write_jsonl(path: str, rows: list[dict]) -> None:
-    import cache  # the project's one atomic writer (temp file + os.replace)
-    cache.atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    from common import atomic_write  # the project's one atomic writer (temp file + os.replace)
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def write_results(out_dir: str, strict_rows: list, loose_rows: list) -> tuple[str, str]:

@@ -1,6 +1,6 @@
 """Tests for eval.py: benchmark scorers on fixture files in the hub's schema, with fake models whose
 logits force the answer, tiny random Llama models for fast-path-vs-reference checks, the compare table
-and the figures from fake run dirs. No network, no ../shared."""
+and the CLI (tables and figures: tests/test_report.py). No network, no ../shared."""
 import json
 import math
 import os
@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import eval as E  # noqa: E402
 import models  # noqa: E402
+from common import UserError  # noqa: E402
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -115,17 +116,24 @@ ARC = [{"id": "q1", "question": "Which?", "choices": {"text": ["bbb", "aaa", "ba
         "answerKey": "1"}]
 
 
+GSM8K_TEST = [{"question": "How many?", "answer": "2 + 40 = <<2+40=42>>42\n#### 42"},
+              {"question": "And now?", "answer": "#### 7"}]
+GSM8K_TRAIN = [{"question": f"Shot {i}?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(10)]
+
+
 @pytest.fixture()
 def data_dir(tmp_path):
+    """Every task's hub split files: test rows (reported) and validation rows (selection) differ."""
     d = tmp_path / "data"
     write_jsonl(str(d / "hellaswag" / "validation.jsonl"), HELLASWAG)
+    write_jsonl(str(d / "hellaswag" / "train.jsonl"), HELLASWAG[:1])
     write_jsonl(str(d / "piqa" / "validation.jsonl"), PIQA)
+    write_jsonl(str(d / "piqa" / "train.jsonl"), PIQA[:1])
     write_jsonl(str(d / "arc_easy" / "test.jsonl"), ARC)
     write_jsonl(str(d / "arc_easy" / "validation.jsonl"), ARC[:1])
     write_jsonl(str(d / "lambada" / "test.jsonl"), [{"text": f"story number {i} ends with word{i}"} for i in range(5)])
-    write_jsonl(str(d / "gsm8k" / "test.jsonl"),
-                [{"question": "How many?", "answer": "2 + 40 = <<2+40=42>>42\n#### 42"},
-                 {"question": "And now?", "answer": "#### 7"}])
+    write_jsonl(str(d / "gsm8k" / "test.jsonl"), GSM8K_TEST)
+    write_jsonl(str(d / "gsm8k" / "train.jsonl"), GSM8K_TRAIN)
     return str(d)
 
 
@@ -148,12 +156,15 @@ def test_lambada_acc_ppl_ece_forced(tok):
     model = bigram_from_probs(tok, rows)
     examples = [E.lambada_example({"text": f"the end {c} x"}) for c in "ABCDE"]
     assert examples[0] == {"context": "the end A", "target": " x"}
-    res = E.score_lambada(model, tok, examples, batch_size=2, progress=False)
+    res, rows = E.score_lambada(model, tok, examples, batch_size=2, progress=False)
     p_gold = [p if ok else (1 - p) / (V - 1) for p, ok in zip(conf, correct)]
     assert res["acc"] == pytest.approx(0.4)
-    assert res["ece"] == pytest.approx(0.416, abs=1e-5)
+    assert res["ece_greedy_word"] == pytest.approx(0.416, abs=1e-5)
     assert res["ppl"] == pytest.approx(math.exp(-sum(math.log(p) for p in p_gold) / 5), rel=1e-4)
     assert res["n"] == 5
+    # per-example outputs re-score to the same numbers
+    assert [r["is_greedy"] for r in rows] == [bool(c) for c in correct]
+    assert [r["greedy_confidence"] for r in rows] == pytest.approx(conf, abs=1e-5)
 
 
 def test_loglikelihood_greedy_and_confidence(tok):
@@ -202,69 +213,148 @@ def test_hellaswag_preprocessing():
     assert ex["gold"] == 1
     doc = dict(HELLASWAG[1], endings=["Step [substeps] one  here.", "b", "c", "d"])
     assert E.hellaswag_example(doc)["choices"][0] == "Step one here."
-    with pytest.raises(ValueError, match="label"):
+    with pytest.raises(UserError, match="label"):
         E.hellaswag_example(dict(HELLASWAG[0], label=""))
 
 
-def test_multiple_choice_acc_vs_acc_norm(tok, data_dir):
+def test_multiple_choice_acc_vs_acc_norm(tok, data_dir, tmp_path):
     model = unigram(tok, {"a": 5.0, "Ġa": 5.0})  # 'a' likely, everything else equally unlikely
-    res = E.evaluate(model, tok, ["hellaswag", "piqa", "arc_easy"], split="full", data_dir=data_dir,
-                     progress=False)
+    out = tmp_path / "out"
+    res = E.evaluate(model, tok, ["hellaswag", "piqa", "arc_easy"], split="test", data_dir=data_dir,
+                     out_dir=str(out), progress=False)
     # HellaSwag doc 0: acc picks the short ' b', acc_norm the per-character better ' aaaaaaaa' (gold)
     assert res["hellaswag"]["acc"] == pytest.approx(0.5)
     assert res["hellaswag"]["acc_norm"] == pytest.approx(1.0)
     assert res["piqa"]["acc"] == pytest.approx(0.5) and res["piqa"]["acc_norm"] == pytest.approx(0.5)
     assert res["arc_easy"]["acc"] == pytest.approx(0.5) and res["arc_easy"]["n"] == 2
+    # per-example outputs: choice log-likelihoods that re-score to the reported acc / acc_norm
+    rows = [json.loads(x) for x in open(out / "eval_examples" / "hellaswag.jsonl")]
+    assert len(rows) == 2 and len(rows[0]["choice_loglikelihoods"]) == 4
+    assert rows[0]["pred"] == 0 and rows[0]["pred_norm"] == 1 == rows[0]["gold"]
     # gold wins when it is the 'a' choice: flipping the model flips every answer
     flipped = unigram(tok, {"b": 5.0, "Ġb": 5.0})
-    piqa = E.score_multiple_choice(flipped, tok, [E.piqa_example(d) for d in PIQA], progress=False)
+    piqa, _ = E.score_multiple_choice(flipped, tok, [E.piqa_example(d) for d in PIQA], progress=False)
     assert piqa["acc"] == pytest.approx(0.5)
-    arc = E.score_multiple_choice(flipped, tok, [E.arc_example(ARC[0])], progress=False)
+    arc, _ = E.score_multiple_choice(flipped, tok, [E.arc_example(ARC[0])], progress=False)
     assert arc["acc"] == 0.0
 
 
-def test_splits_are_disjoint(data_dir):
-    val = E.load_docs("lambada", "validation", data_dir)
-    test = E.load_docs("lambada", "test", data_dir)
-    full = E.load_docs("lambada", "full", data_dir)
-    assert [d["text"][-5:] for d in val] == ["word0", "word2", "word4"]
-    assert [d["text"][-5:] for d in test] == ["word1", "word3"]
-    assert sorted(d["text"] for d in val + test) == sorted(d["text"] for d in full)
-    assert len(E.load_docs("lambada", "full", data_dir, limit=2)) == 2
-    assert len(E.load_docs("arc_easy", "validation", data_dir)) == 1  # ARC has its own validation file
-    with pytest.raises(ValueError, match="unknown task"):
-        E.load_docs("mmlu", "test", data_dir)
-    with pytest.raises(FileNotFoundError, match="piqa"):
-        E.load_docs("piqa", "full", os.path.join(data_dir, "nowhere"))
+def test_choice_ece_is_the_softmax_over_choices(tok):
+    # PIQA doc 0 (gold 'aaa') and doc 1 (gold 'bbb') under a model that prefers 'a': confidence =
+    # softmax of the two choice log-likelihoods, correct = acc; one right, one wrong, same confidence
+    model = unigram(tok, {"a": 2.0, "Ġa": 2.0})
+    res, rows = E.score_multiple_choice(model, tok, [E.piqa_example(d) for d in PIQA], progress=False)
+    conf = [torch.tensor(r["choice_loglikelihoods"], dtype=torch.float64).softmax(0).max().item() for r in rows]
+    assert conf[0] == pytest.approx(conf[1]) and 0.5 < conf[0] < 1.0
+    assert res["ece_choice_softmax"] == pytest.approx(abs(conf[0] - 0.5), abs=1e-9)  # one bin: |0.5 - conf|
+    assert E.choice_ece_average({"arc_easy": {"ece_choice_softmax": 0.1}, "piqa": {"ece_choice_softmax": 0.2},
+                                 "hellaswag": {"ece_choice_softmax": 0.3}}) == pytest.approx(0.2)
+    assert E.choice_ece_average({"piqa": {"ece_choice_softmax": 0.2}}) is None
 
 
 # -----------------------------------------------------------------------------
-# GSM8K
+# splits: validation selects, test reports, never the same rows; LAMBADA and IFEval in full
 
-@pytest.mark.parametrize("text,want", [
-    ("The answer is $1,234.", "1234"), ("#### 72", "72"), ("It costs -5 dollars", "-5"),
-    ("so she owes −7.", "-7"), ("$-3.50", "-3.5"), ("-$3", "-3"), ("10-5 = 5", "5"), ("18.00", "18"),
-    ("0.50 of it", "0.5"), ("no digits", None), ("#### 1,000\n\nQuestion: 5 apples", "1000"),
-    ("She has 42.", "42"), ("100.00", "100"), ("The total is 3 + 4 = 7.\nSo 7 cookies.", "7"),
+def test_splits_are_explicit_and_disjoint(data_dir):
+    # test = the split the harness reports (HellaSwag/PIQA: hub validation); validation = hub train
+    assert len(E.load_docs("hellaswag", "test", data_dir)) == 2
+    assert E.load_docs("hellaswag", "validation", data_dir) == HELLASWAG[:1]
+    assert len(E.load_docs("arc_easy", "validation", data_dir)) == 1 and len(E.load_docs("arc_easy", "test",
+                                                                                          data_dir)) == 2
+    # GSM8K validation = train minus the shot pool, so a shot is never a scored example
+    val = E.load_docs("gsm8k", "validation", data_dir)
+    assert val == GSM8K_TRAIN[E.GSM8K_SHOT_POOL:]
+    # LAMBADA in full (the old --split test scored odd rows only: 2 of 5)
+    assert len(E.load_docs("lambada", "test", data_dir)) == 5
+    assert len(E.load_docs("lambada", "test", data_dir, limit=2)) == 2
+    with pytest.raises(UserError, match="--split validation: lambada has no validation split"):
+        E.load_docs("lambada", "validation", data_dir)
+    with pytest.raises(UserError, match="unknown task"):
+        E.load_docs("mmlu", "test", data_dir)
+    with pytest.raises(UserError, match="piqa"):
+        E.load_docs("piqa", "test", os.path.join(data_dir, "nowhere"))
+
+
+# -----------------------------------------------------------------------------
+# GSM8K: the harness's two filters and its exact-match normalisation
+
+@pytest.mark.parametrize("generation,strict,strict_ok,flexible,flexible_ok", [
+    ("so 9 * 2 = 18\n#### 18", "18", True, "18", True),
+    ("#### 18\n#### 5", "18", True, "5", False),                 # strict: the first '#### N'
+    ("#### 18 cookies, that is 2 per child", "18", True, "2", False),  # flexible: the last number
+    ("The answer is $18.00.", "[invalid]", False, "$18.00.", False),  # '18.00' is not '18' to the harness
+    ("She pays $18.", "[invalid]", False, "$18.", True),           # '$' and one final '.' are ignored
+    ("#### 1,8", "1,8", True, "1,8", True),                       # ',' is dropped on both sides
+    ("no digits at all", "[invalid]", False, "[invalid]", False),
 ])
-def test_extract_number(text, want):
-    assert E.extract_number(text) == want
+def test_gsm8k_strict_and_flexible_as_the_harness(generation, strict, strict_ok, flexible, flexible_ok):
+    reference = "9 * 2 = <<9*2=18>>18\n#### 18"
+    assert E.strict_match(generation) == strict
+    assert E.flexible_extract(generation) == flexible
+    assert E.gsm8k_correct(strict, reference) is strict_ok
+    assert E.gsm8k_correct(flexible, reference) is flexible_ok
+    assert E.gsm8k_correct("1,000", "#### 1,000") and E.gsm8k_correct("-7", "so -7\n#### -7")
 
 
-def test_gsm8k_forced_generation(tok, data_dir):
-    # after 'Answer:' the model says ' 42.' and stops: right for the first problem, wrong for the second
+def test_gsm8k_fewshot_prompt_is_the_harness_format():
+    shots = [{"question": "A?", "answer": "1\n#### 1"}, {"question": "B?", "answer": "#### 2"}]
+    assert E.gsm8k_prompt("C?", shots) == "Question: A?\nAnswer: 1\n#### 1\n\nQuestion: B?\nAnswer: #### 2\n\n" \
+                                          "Question: C?\nAnswer:"
+    assert E.gsm8k_prompt("C?", []) == "Question: C?\nAnswer:"
+
+
+def test_gsm8k_forced_generation(tok, data_dir, tmp_path):
+    # after 'Answer:' the model says ' #### 42.' and stops: right for the first problem, wrong for the second
+    model = bigram_from_probs(tok, {":": {"Ġ": 0.9}, "Ġ": {"#": 0.9}, "#": {"4": 0.6}, "4": {"2": 0.9},
+                                    "2": {".": 0.9}, ".": {"<eos>": 0.9}})
+    assert E.generate_greedy(model, tok, ["Answer:"], 10, progress=False) == [" #42."]
+    assert E.generate_greedy(model, tok, ["Answer:"], 10, stop=("2",), progress=False) == [" #4"]
+    res = E.evaluate(model, tok, ["gsm8k"], "test", data_dir, max_new_tokens=10, gsm8k_shots=0,
+                     out_dir=str(tmp_path), progress=False)["gsm8k"]
+    # ' #42.' has no '#### ': strict is invalid; flexible takes '42.' -> right for the first problem
+    assert (res["strict_match"], res["flexible_extract"], res["shots"], res["n"]) == (0.0, 0.5, 0, 2)
+    rows = [json.loads(x) for x in open(tmp_path / "eval_examples" / "gsm8k.jsonl")]
+    assert [r["flexible_correct"] for r in rows] == [True, False] and rows[0]["generation"] == " #42."
+    with pytest.raises(UserError, match="--gsm8k-shots"):
+        E.evaluate(model, tok, ["gsm8k"], "test", data_dir, gsm8k_shots=E.GSM8K_SHOT_POOL + 1, progress=False)
+
+
+def test_gsm8k_shots_come_from_train(tok, data_dir, monkeypatch):
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, *a, **kw):
+        seen["prompts"] = prompts
+        return ["#### 42"] * len(prompts)
+    monkeypatch.setattr(E, "generate_greedy", fake_generate)
+    res = E.evaluate(None, tok, ["gsm8k"], "test", data_dir, progress=False)["gsm8k"]  # default: 5 shots
+    assert res["shots"] == 5 and res["strict_match"] == 0.5
+    assert seen["prompts"][0].count("Question:") == 6 and seen["prompts"][0].startswith("Question: Shot 0?")
+
+
+# -----------------------------------------------------------------------------
+# generation: raw prompts, chat template only when asked (no thinking), every end token
+
+def test_prompts_are_raw_unless_asked(tok):
+    t = byte_tokenizer()
+    t.chat_template = ("{% for m in messages %}<u>{{ m.content }}</u>{% endfor %}"
+                       "{% if enable_thinking is defined and not enable_thinking %}<nothink>{% endif %}")
+    assert E.format_prompt(t, "hi") == "hi"  # the old default wrapped whenever a template existed
+    assert E.format_prompt(t, "hi", chat_template=True) == "<u>hi</u><nothink>"
+    with pytest.raises(UserError, match="--chat-template"):
+        E.format_prompt(tok, "hi", chat_template=True)
+
+
+def test_generation_stops_on_every_end_token_of_the_generation_config(tok):
     model = bigram_from_probs(tok, {":": {"Ġ": 0.9}, "Ġ": {"4": 0.9}, "4": {"2": 0.9}, "2": {".": 0.9},
                                     ".": {"<eos>": 0.9}})
-    examples = [E.gsm8k_example(d) for d in E.load_docs("gsm8k", "full", data_dir)]
-    assert [ex["gold"] for ex in examples] == ["42", "7"]
-    assert E.generate_greedy(model, tok, ["Answer:"], 10, progress=False) == [" 42."]
-    assert E.generate_greedy(model, tok, ["Answer:"], 10, stop=("2",), progress=False) == [" 4"]
-    res = E.score_gsm8k(model, tok, examples, max_new_tokens=10, progress=False)
-    assert res == {"acc": 0.5, "n": 2}
+    model.generation_config = types.SimpleNamespace(eos_token_id=[tok.eos_token_id, tid(tok, "2")])
+    assert E.end_token_ids(model, tok) == sorted({tok.eos_token_id, tid(tok, "2")})
+    assert E.generate_greedy(model, tok, ["Answer:"], 10, progress=False) == [" 4"]  # old: ' 42.'
 
 
 def test_generate_fast_path_matches_reference_loop(tok):
     model = tiny_llama(tok, seed=3)
+    model.generation_config.eos_token_id = [tok.eos_token_id, 5]
     prompts = ["Question: hi\nAnswer:", "a", "a much longer prompt than the others"]
     fast = E.generate_greedy(model, tok, prompts, max_new_tokens=6, batch_size=3, use_generate=True,
                              progress=False)
@@ -293,20 +383,29 @@ def fake_ifeval(calls):
     return m
 
 
-def test_ifeval_generation_scores_the_split(tok, tmp_path, monkeypatch):
+def test_ifeval_scores_every_prompt_with_the_harness_length(tok, tmp_path, monkeypatch):
     calls = {}
     monkeypatch.setitem(sys.modules, "ifeval", fake_ifeval(calls))
     inp = tmp_path / "input_data.jsonl"
     write_jsonl(str(inp), [{"key": i, "prompt": f"P{i}:", "instruction_id_list": ["x"], "kwargs": [{}]}
                            for i in range(4)])
     model = bigram_from_probs(tok, {":": {"Ġ": 0.9}, "Ġ": {"4": 0.9}, "4": {"2": 0.9}, "2": {".": 0.9}})
+    real_generate = E.generate_greedy
+
+    def spy(model, tokenizer, prompts, max_new_tokens, *a, **kw):
+        calls["max_new_tokens"], calls["prompts"] = max_new_tokens, prompts
+        return real_generate(model, tokenizer, prompts, 8, *a, **kw)
+    monkeypatch.setattr(E, "generate_greedy", spy)
     res = E.evaluate(model, tok, ["ifeval"], split="test", ifeval_inputs=str(inp), out_dir=str(tmp_path / "o"),
-                     max_new_tokens=8, progress=False)["ifeval"]
-    assert calls["scored"] == ["P1:", "P3:"]  # test = odd rows
-    assert res["prompt_strict"] == 1.0 and res["n"] == 2
-    assert calls["written"] == str(tmp_path / "o" / "ifeval")  # per-split folder under --out
+                     progress=False)["ifeval"]
+    assert calls["scored"] == ["P0:", "P1:", "P2:", "P3:"]  # all prompts (the old test split: odd rows)
+    assert calls["max_new_tokens"] == 1280 and calls["prompts"][0] == "P0:"  # raw prompt
+    assert res["prompt_strict"] == 1.0 and res["n"] == 4
+    assert calls["written"] == str(tmp_path / "o" / "ifeval")
     resp = [json.loads(x) for x in open(tmp_path / "o" / "ifeval" / "ifeval_responses.jsonl")]
-    assert resp == [{"prompt": "P1:", "response": " 42."}, {"prompt": "P3:", "response": " 42."}]
+    assert resp[1] == {"prompt": "P1:", "response": " 42."} and len(resp) == 4
+    with pytest.raises(UserError, match="ifeval has no validation split"):
+        E.evaluate(model, tok, ["ifeval"], split="validation", ifeval_inputs=str(inp), progress=False)
 
 
 def test_ifeval_responses_cli(tmp_path, monkeypatch):
@@ -339,138 +438,24 @@ class FakePacked:
             yield self.input_ids[i:i + bs], self.targets[i:i + bs], self.valid[i:i + bs]
 
 
-def test_score_lm_uses_the_right_split(tok, monkeypatch):
+def test_score_lm_loads_only_the_heldout_split(tok, monkeypatch):
     g = torch.Generator().manual_seed(0)
-    splits = {"train": None, "val": FakePacked(g), "test": FakePacked(g)}
-    seen = {}
+    packed = {"val": FakePacked(g), "test": FakePacked(g)}
+    seen = []
 
-    def load_splits(tokenizer, **kw):
-        seen.update(kw, tokenizer=tokenizer)
-        return splits
+    def load_splits(tokenizer, splits=("train", "val", "test"), **kw):
+        seen.append(dict(kw, splits=tuple(splits), tokenizer=tokenizer))
+        return {s: packed[s] for s in splits}  # a KeyError if the training split were asked for
 
     monkeypatch.setitem(sys.modules, "data", types.SimpleNamespace(load_splits=load_splits))
     student, teacher = tiny_llama(tok, 0), tiny_llama(tok, 1)
     val = E.score_lm(student, tok, "validation", teacher, batch_size=2, progress=False, data="corpus", seq_len=10)
     test = E.score_lm(student, tok, "test", teacher, batch_size=2, progress=False, data="corpus", seq_len=10)
-    assert seen["data"] == "corpus" and seen["seq_len"] == 10 and seen["tokenizer"] is tok
-    ref = models.heldout_metrics(student, splits["val"].batches(2), teacher=teacher, vocab_size=len(tok))
+    assert [s["splits"] for s in seen] == [("val",), ("test",)]  # the training budget is never tokenized
+    assert seen[0]["data"] == "corpus" and seen[0]["seq_len"] == 10 and seen[0]["tokenizer"] is tok
+    ref = models.heldout_metrics(student, packed["val"].batches(2), teacher=teacher, vocab_size=len(tok))
     assert val["loss"] == pytest.approx(ref["loss"]) and val["kl_to_teacher"] == pytest.approx(ref["kl_to_teacher"])
     assert test["loss"] != pytest.approx(val["loss"])
-
-
-# -----------------------------------------------------------------------------
-# the CLI on a run dir with a tiny saved model
-
-def test_cli_run_dir_writes_eval_json(tok, data_dir, tmp_path):
-    run = tmp_path / "run"
-    tiny_llama(tok).save_pretrained(str(run / "model"))
-    tok.save_pretrained(str(run / "model"))
-    (run / "config.json").write_text(json.dumps({"run_name": "x", "seed": 0}))
-    res = E.main([str(run), "--tasks", "hellaswag,piqa,arc_easy,lambada,gsm8k", "--data-dir", data_dir,
-                  "--split", "full", "--max-new-tokens", "3", "--batch-size", "2", "--no-progress"])
-    saved = json.load(open(run / "eval_full.json"))
-    assert set(saved) == {"hellaswag", "piqa", "arc_easy", "lambada", "gsm8k"}
-    assert saved["lambada"]["n"] == 5 and saved["lambada"]["ppl"] > 1.0
-    assert 0.0 <= E.paper_average(saved) <= 1.0
-    assert saved == json.loads(json.dumps(res))
-    E.main([str(run), "--tasks", "piqa", "--data-dir", data_dir, "--split", "validation", "--no-progress"])
-    assert json.load(open(run / "eval_validation.json"))["piqa"]["n"] == 1  # even rows of 2
-    assert not (run / "eval.json").exists()  # --split test (the reported tables) is a separate file
-    assert set(json.load(open(run / "eval_full.json"))) == set(saved)  # untouched by the validation run
-
-
-# -----------------------------------------------------------------------------
-# compare table and figures from fake run dirs
-
-def fake_run(root, name, run_name, seed, loss, cfg=None, ev=None):
-    d = root / name
-    d.mkdir(parents=True)
-    config = dict({"run_name": run_name, "seed": seed, "k": 1.0, "l": 1.0, "policy": "top_k",
-                   "pos_metric": "student_entropy", "sample_metric": "none"}, **(cfg or {}))
-    summary = {"wall_time_s": 100.0 + seed, "sup_frac_positions": config["k"], "sup_frac_samples": config["l"],
-               "peak_mem_bytes": {"student": 2 * 2 ** 30, "teacher": 4 * 2 ** 30},
-               "student_after": {"loss": loss, "ppl": math.exp(loss), "kl_to_teacher": 0.5, "top1_agree": 0.6,
-                                 "ece": 0.05}}
-    (d / "config.json").write_text(json.dumps(config))
-    (d / "summary.json").write_text(json.dumps(summary))
-    if ev is not None:
-        (d / "eval.json").write_text(json.dumps(ev))
-    return str(d)
-
-
-EVAL = {"hellaswag": {"acc": 0.3, "acc_norm": 0.4}, "piqa": {"acc": 0.6, "acc_norm": 0.6},
-        "arc_easy": {"acc": 0.5, "acc_norm": 0.45}, "lambada": {"acc": 0.35, "ppl": 20.0, "ece": 0.1},
-        "gsm8k": {"acc": 0.1}, "ifeval": {"prompt_strict": 0.2, "prompt_loose": 0.25}}
-
-
-def test_compare_table(tmp_path, capsys):
-    runs = [fake_run(tmp_path, "a0", "se-k0.25", 0, 2.0, {"k": 0.25}, EVAL),
-            fake_run(tmp_path, "a1", "se-k0.25", 1, 2.2, {"k": 0.25}),
-            fake_run(tmp_path, "full", "full-kd", 0, 1.9)]
-    out = tmp_path / "t" / "table.md"
-    table = E.main(["--compare", *runs, "--compare-out", str(out)])
-    assert out.read_text() == table and table in capsys.readouterr().out
-    lines = table.strip().split("\n")
-    assert len(lines) == 4 and all(line.count("|") == lines[0].count("|") for line in lines)
-    head = [c.strip() for c in lines[0].strip("|").split("|")]
-    se = dict(zip(head, (c.strip() for c in lines[2].strip("|").split("|"))))
-    full = dict(zip(head, (c.strip() for c in lines[3].strip("|").split("|"))))
-    assert se["run"] == "se-k0.25" and se["n"] == "2"
-    assert se["loss"] == f"2.1000 ± {math.sqrt(0.02):.4f}"  # sample std of (2.0, 2.2)
-    assert se["Acc"] == f"{(0.4 + 0.6 + 0.45 + 0.35 + 0.1) / 5:.4f} ± 0.0000"  # only seed 0 has eval.json
-    assert se["IFEval S"] == "0.2000 ± 0.0000" and se["mem T (GiB)"] == "4.00 ± 0.00"
-    assert se["wall (s)"] == "100.5 ± 0.7"
-    assert full["n"] == "1" and full["loss"] == "1.9000 ± 0.0000" and full["Acc"] == "-"
-
-
-def test_plot_budget(tmp_path):
-    pytest.importorskip("matplotlib")
-    runs = [fake_run(tmp_path, "full0", "full", 0, 1.9), fake_run(tmp_path, "full1", "full", 1, 1.9),
-            fake_run(tmp_path, "k25s0", "se25", 0, 2.0, {"k": 0.25}),
-            fake_run(tmp_path, "k25s1", "se25", 1, 2.2, {"k": 0.25}),
-            fake_run(tmp_path, "k50", "se50", 0, 1.95, {"k": 0.5}),
-            fake_run(tmp_path, "rnd", "rnd", 0, 2.5, {"k": 0.25, "policy": "random"}),
-            fake_run(tmp_path, "l50", "sl50", 0, 2.05, {"k": 0.25, "l": 0.5, "sample_metric": "student_entropy"}),
-            fake_run(tmp_path, "l25", "sl25", 0, 2.3, {"k": 0.25, "l": 0.25, "sample_metric": "student_entropy"})]
-    path = tmp_path / "figs" / "budget.png"
-    d = E.main(["--plot", str(path), "--plot-kind", "budget", *runs])
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert d["metric"] == "loss"  # no eval.json anywhere
-    k = d["axes"]["k"]
-    (x1, m1, s1, n1), (x2, m2, s2, n2) = k["series"]["student_entropy / top_k"]
-    assert (x1, n1, x2, n2) == (0.25, 2, 0.5, 1)
-    assert m1 == pytest.approx(2.1) and s1 == pytest.approx(math.sqrt(0.02)) and m2 == pytest.approx(1.95)
-    assert k["full"] == (pytest.approx(1.9), 0.0) and k["random"] == [(0.25, 2.5, 0.0, 1)]
-    assert [p[:2] for p in d["axes"]["l"]["series"]["student_entropy"]] == [(0.25, 2.3), (0.5, 2.05)]
-
-
-def test_plot_entropy_tokens(tmp_path):
-    pytest.importorskip("matplotlib")
-    g = torch.Generator().manual_seed(0)
-    tokens = [["The", " cat", " sat", " on", "\n", " $5", " mat", "."][i % 8] for i in range(40)]
-    H = torch.rand(40, generator=g) * 3
-    sel = torch.arange(40) % 3 == 0
-    path = tmp_path / "tokens.png"
-    info = E.plot_entropy_tokens(tokens, H, sel, str(path), title="demo", width=30)
-    assert path.read_bytes()[:4] == b"\x89PNG"
-    assert info["outlined"] == int(sel.sum()) and info["lines"] > 1
-    with pytest.raises(ValueError, match="length"):
-        E.plot_entropy_tokens(tokens, H[:5], sel, str(path))
-
-
-def test_token_entropy_matches_dense(tok):
-    model = tiny_llama(tok)
-    ids = torch.randint(0, len(tok), (17,), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        lp = model(ids[None]).logits[0].float().log_softmax(-1)
-    dense = -(lp.exp() * lp).sum(-1)
-    assert torch.allclose(E.token_entropy(model, ids, chunk_size=5), dense, atol=1e-5)
-
-
-def test_plot_needs_matplotlib(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
-    with pytest.raises(SystemExit, match="--plot needs matplotlib: pip install matplotlib"):
-        E.plot_entropy_tokens(["a"], [0.5], [True], str(tmp_path / "x.png"))
 
 
 def test_score_lm_on_a_gsm8k_run_uses_its_masked_answers(tmp_path):
@@ -489,39 +474,55 @@ def test_score_lm_on_a_gsm8k_run_uses_its_masked_answers(tmp_path):
     assert out["tokens"] == int(test.valid.sum())  # only answer tokens are scored
 
 
-def test_compare_adds_reference_rows_and_drops_empty_columns(tmp_path):
-    def with_refs(d, seed, before_loss, teacher_loss):
-        p = os.path.join(d, "summary.json")
-        s = json.load(open(p))
-        s["student_before"] = {"loss": before_loss, "ppl": math.exp(before_loss), "kl_to_teacher": 9.0,
-                               "top1_agree": 0.01, "ece": 0.3}
-        s["teacher"] = {"loss": teacher_loss, "ppl": math.exp(teacher_loss), "ece": 0.02}
-        open(p, "w").write(json.dumps(s))
-        return d
-    runs = [with_refs(fake_run(tmp_path, "a0", "se", 0, 2.0), 0, 11.0, 1.5),
-            with_refs(fake_run(tmp_path, "b0", "full", 0, 1.9), 0, 11.0, 1.5),  # same seed: counted once
-            with_refs(fake_run(tmp_path, "a1", "se", 1, 2.2), 1, 12.0, 1.7)]
-    table = E.compare_runs(runs)
-    lines = table.strip().split("\n")
-    head = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert "Acc" not in head and "IFEval S" not in head and "loss" in head  # no run has eval.json
-    rows = {r["run"]: r for r in (dict(zip(head, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:])}
-    assert list(rows) == ["se", "full", "student, no KD (reference)", "teacher (reference)"]
-    st, te = rows["student, no KD (reference)"], rows["teacher (reference)"]
-    assert st["n"] == "2" and st["loss"] == f"11.5000 ± {math.sqrt(0.5):.4f}" and st["KL"] == "9.0000 ± 0.0000"
-    assert te["n"] == "2" and te["loss"] == f"1.6000 ± {math.sqrt(0.02):.4f}" and te["KL"] == "-"
-    assert te["wall (s)"] == "-" and rows["se"]["wall (s)"] == "100.5 ± 0.7"
-    assert "reference" not in E.compare_runs(runs, refs=False)
+# -----------------------------------------------------------------------------
+# the CLI on a run dir with a tiny saved model
+
+def test_cli_run_dir_writes_eval_json(tok, data_dir, tmp_path):
+    run = tmp_path / "run"
+    tiny_llama(tok).save_pretrained(str(run / "model"))
+    tok.save_pretrained(str(run / "model"))
+    (run / "config.json").write_text(json.dumps({"run_name": "x", "seed": 0}))
+    res = E.main([str(run), "--tasks", "hellaswag,piqa,arc_easy,lambada,gsm8k", "--data-dir", data_dir,
+                  "--max-new-tokens", "3", "--gsm8k-shots", "1", "--batch-size", "2", "--no-progress"])
+    saved = json.load(open(run / "eval.json"))
+    assert set(saved) == {"hellaswag", "piqa", "arc_easy", "lambada", "gsm8k"}
+    assert saved["lambada"]["n"] == 5 and saved["lambada"]["ppl"] > 1.0 and saved["gsm8k"]["shots"] == 1
+    assert 0.0 <= E.paper_average(saved) <= 1.0
+    assert saved == json.loads(json.dumps(res))
+    assert sorted(os.listdir(run / "eval_examples")) == sorted(f"{t}.jsonl" for t in saved)
+    # the paper suite on the selection split skips the tasks that have none, and writes its own file
+    E.main([str(run), "--tasks", "piqa", "--data-dir", data_dir, "--split", "validation", "--no-progress"])
+    assert json.load(open(run / "eval_validation.json"))["piqa"]["n"] == 1
+    assert set(json.load(open(run / "eval.json"))) == set(saved)  # untouched by the validation run
 
 
-def test_compare_baseline_gives_paired_differences(tmp_path):
-    runs = [fake_run(tmp_path, "f0", "full", 0, 2.0), fake_run(tmp_path, "f1", "full", 1, 3.0),
-            fake_run(tmp_path, "s0", "se", 0, 2.1), fake_run(tmp_path, "s1", "se", 1, 3.3)]
-    lines = E.compare_runs(runs, baseline="full").strip().split("\n")
-    head = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert head[:5] == ["run", "n", "loss", "Δloss vs full", "PPL"] and "ΔKL vs full" in head
-    se = dict(zip(head, (c.strip() for c in lines[3].strip("|").split("|"))))
-    # per seed: +0.1 and +0.3 -> mean +0.2, sample std 0.1414 (the plain loss std is 0.85)
-    assert se["Δloss vs full"] == f"+0.2000 ± {math.sqrt(0.02):.4f}" and se["ΔKL vs full"] == "+0.0000 ± 0.0000"
-    with pytest.raises(ValueError, match="not a run name"):
-        E.compare_runs(runs, baseline="nope")
+def test_cli_bad_input_is_one_line_exit_2(tmp_path):
+    import subprocess
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(E.__file__), "eval.py"), "--ifeval-responses",
+                          str(tmp_path / "nope.jsonl")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip() == "eval.py: error: --ifeval-responses needs --out DIR"
+
+
+def test_compare_and_plot_are_handed_to_report(tmp_path, monkeypatch):
+    import report
+    seen = {}
+    monkeypatch.setattr(report, "main", lambda argv: seen.setdefault("argv", argv))
+    argv = ["--compare", "a", "b", "--compare-baseline", "full_kd"]
+    assert E.main(argv) == argv and seen["argv"] == argv
+    seen.clear()
+    assert E.main(["out/run", "--plot=x.png", "--plot-kind", "entropy"])[1] == "--plot=x.png"
+
+
+def test_lm_eval_parity_on_fixture_requests(tok):
+    """Our loglikelihood against lm-evaluation-harness's HFLM on the same requests (skipped without it)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    model = tiny_llama(tok, seed=4)
+    pairs = [("Question: a\nAnswer:", " bb"), ("story number 3 ends with", " word3"), ("x", " y z")]
+    harness = HFLM(pretrained=model, tokenizer=tok, batch_size=2)
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
+    theirs = harness.loglikelihood(requests)
+    ours = E.loglikelihood(model, [E.encode_pair(tok, c, x) for c, x in pairs], progress=False)
+    for (ll, greedy), (our_ll, our_greedy, _) in zip(theirs, ours):
+        assert our_ll == pytest.approx(ll, abs=1e-4) and our_greedy == greedy

@@ -1,0 +1,545 @@
+"""Results at a glance: the paper-style compare table and the figures, from finished train.py runs.
+
+    python report.py --compare RUN... [--compare-baseline NAME] [--compare-out table.md]
+    python report.py --plot budget.png --plot-kind budget [--plot-metric auto|acc|loss|kl] RUN...
+    python report.py --plot tokens.png --plot-kind entropy RUN
+
+A run is train.py's --out-dir: RUN/config.json, RUN/summary.json (written last: its presence marks
+the run done), RUN/model/, and after `eval.py RUN` also RUN/eval.json (RUN/eval_validation.json for
+--split validation). Nothing here trains or scores a benchmark; it only reads those files (and, for the
+entropy figure, runs the run's model over one held-out sequence).
+
+The table (--compare): runs are grouped by config.json's run_name (the label without the seed); each
+row is one group, cells are mean ± sample std over its seeds (± 0 for one seed). Columns, left out
+when no row has them:
+  held-out loss / PPL / top-1 agree / ECE  the student after distillation on the held-out split of
+                                           the *training text* (summary.json's student_after)
+  KL(p‖q)                the true forward KL to the teacher on that text (a live or memoised teacher)
+  KL est. (RS cache)     the RS-KD estimate of a --cache-dir run (cached sampled targets): it exceeds
+                         the true KL by a constant of the cache, so it is never shown as KL(p‖q)
+  Acc                    eval.paper_average: the paper's Acc (see eval.py)
+  LAMBADA PPL / ECE      the paper's PPL and ECE columns (eval.json), not the held-out text numbers
+  ECE choices            eval.choice_ece_average: 15-bin ECE of the softmax over answer choices,
+                         averaged over ARC-E, HellaSwag and PIQA (the authors' evaluation code)
+  GSM8K strict/flexible  exact match after the harness's two answer filters
+  IFEval S / L           prompt-level strict / loose accuracy
+  sup. pos / samples, wall (s), train (s), mem S / T (GiB)   from summary.json
+With --compare-baseline NAME, per-seed differences to that group follow the loss and KL columns
+(same seed = same data and held-out split, so the split-to-split spread cancels). Two reference rows
+close the table: the student before distillation and the teacher.
+
+Runs that cannot be compared are skipped with one line on stderr, never ranked: an incomplete run
+(no summary.json, a summary.json older than config.json, or summary "complete": false: a rerun was
+killed) and a run measured on 0 held-out tokens (or without a held-out loss).
+
+Figures (--plot, needs matplotlib): `budget` draws y (Acc when every run has it, else held-out loss
+or KL) against k and, for runs with a sample metric, against l, with Full KD and random selection as
+reference lines (the paper's Figures 2-3); `entropy` colors the first held-out sequence's tokens by
+the student entropy H(q_t) and outlines the positions top-k selects with the run's k (Figure 6),
+through losses.chunked_entropy and selection.POLICIES["top_k"].
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+from common import UserError, atomic_write
+
+# -----------------------------------------------------------------------------
+# reading runs
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def eval_file(run_dir, split="test"):
+    return os.path.join(run_dir, "eval.json" if split == "test" else f"eval_{split}.json")
+
+
+def incomplete_reason(run_dir):
+    """Why `run_dir` is not one finished run's consistent set of files, or None when it is."""
+    config, summary = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "summary.json")
+    if not os.path.isfile(summary):
+        return "incomplete: no summary.json (still running, or killed)"
+    if os.path.getmtime(config) > os.path.getmtime(summary):
+        return "incomplete: config.json is newer than summary.json (a rerun started and did not finish)"
+    if read_json(summary).get("complete") is False:
+        return "incomplete: summary.json says complete: false"
+    return None
+
+
+def heldout_tokens(summary):
+    """Held-out target tokens the summary's numbers were measured on (None when not recorded)."""
+    for key in ("heldout_tokens", "eval_tokens"):
+        if summary.get(key) is not None:
+            return int(summary[key])
+    return (summary.get("student_after") or {}).get("tokens")
+
+
+def load_run(run_dir, split="test"):
+    """{dir, config, summary, eval, heldout} of a finished run; raises UserError for a path that is
+    not a run. `heldout` = the student's held-out metrics after distillation (see kl_columns)."""
+    if not os.path.isdir(run_dir):
+        raise UserError(f"run directory not found: {run_dir}")
+    if not os.path.isfile(os.path.join(run_dir, "config.json")):
+        raise UserError(f"{run_dir}: no config.json (not a train.py --out-dir)")
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    ev = eval_file(run_dir, split)
+    return {"dir": run_dir, "config": read_json(os.path.join(run_dir, "config.json")), "summary": summary,
+            "eval": read_json(ev) if os.path.isfile(ev) else {},
+            "heldout": kl_columns(summary.get("student_after") or {}, summary)}
+
+
+def kl_columns(metrics, summary=None):
+    """`metrics` (models.heldout_metrics output) with the KL under two names that never mix:
+    kl_true = KL(p || q) to the real teacher, kl_rs_estimate = the RS-KD cache estimate.
+
+    A --cache-dir run's summary carries val_kl_rs_estimate; older ones tag student_after with
+    kl_estimator and put the estimate in kl_to_teacher (and in val_kl_to_teacher)."""
+    summary = summary or {}
+    out = dict(metrics)
+    estimated = bool(metrics.get("kl_estimator"))
+    if "val_kl_rs_estimate" in summary:
+        out["kl_true"] = summary.get("val_kl_to_teacher")
+        out["kl_rs_estimate"] = summary["val_kl_rs_estimate"]
+    else:
+        out["kl_true"] = None if estimated else metrics.get("kl_to_teacher")
+        out["kl_rs_estimate"] = metrics.get("kl_to_teacher") if estimated else metrics.get("kl_rs_estimate")
+    return out
+
+
+def load_comparable_runs(run_dirs, split="test", log=None):
+    """The runs of `run_dirs` that can be compared; every other one is reported by one line to `log`."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    runs = []
+    for d in run_dirs:
+        if not os.path.isfile(os.path.join(d, "config.json")):
+            load_run(d, split)  # raises the right error
+        reason = incomplete_reason(d)
+        if reason is None:
+            run = load_run(d, split)
+            if heldout_tokens(run["summary"]) == 0 or run["heldout"].get("loss") is None:
+                reason = "measured on 0 held-out tokens (empty held-out split): not ranked"
+        if reason:
+            log(f"report.py: skipping {d}: {reason}")
+            continue
+        runs.append(run)
+    if not runs:
+        raise UserError("no complete run to compare among the given directories (see the lines above)")
+    return runs
+
+
+def _get(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or d.get(k) is None:
+            return None
+        d = d[k]
+    return d
+
+
+def _gib(nbytes):
+    return None if nbytes is None else nbytes / 2 ** 30
+
+
+def mean_std(vals):
+    """(mean, sample std) of the non-None values; std = 0 for one value; None when there are none."""
+    vals = [float(v) for v in vals if v is not None]
+    if not vals:
+        return None
+    return sum(vals) / len(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+# -----------------------------------------------------------------------------
+# the compare table
+
+def group_by_run_name(runs):
+    """Runs grouped by config run_name (the label without the seed), in order of first appearance."""
+    groups = {}
+    for r in runs:
+        name = r["config"].get("run_name") or r["summary"].get("run_name") or os.path.basename(
+            os.path.normpath(r["dir"]))
+        groups.setdefault(name, []).append(r)
+    return groups
+
+
+def reference_rows(runs):
+    """The table's reference groups, one entry per seed (runs of one seed share them): the undistilled
+    student (summary student_before) and the teacher (summary teacher: loss, ppl, ece)."""
+    before, teacher = {}, {}
+    for r in runs:
+        seed, summary = r["config"].get("seed"), r["summary"]
+        if summary.get("student_before") and seed not in before:
+            before[seed] = {"config": {}, "eval": {}, "summary": {},
+                            "heldout": kl_columns(summary["student_before"])}
+        if summary.get("teacher") and seed not in teacher:
+            teacher[seed] = {"config": {}, "eval": {}, "summary": {},
+                             "heldout": kl_columns(summary["teacher"])}
+    return {name: list(rows.values()) for name, rows in
+            (("student, no KD (reference)", before), ("teacher (reference)", teacher)) if rows}
+
+
+PAIRED = ("held-out loss", "KL(p‖q)", "KL est. (RS cache)")  # columns that get a Δ vs the baseline
+
+
+def paired_columns(groups, baseline):
+    """{header: Δ column} for PAIRED: per-seed differences to the `baseline` group."""
+    if baseline not in groups:
+        raise UserError(f"--compare-baseline {baseline!r} is not a run name here; have {sorted(groups)}")
+    base = {r["config"].get("seed"): r for r in groups[baseline]}
+    cols = {}
+    for header, fmt, get in COLUMNS:
+        if header not in PAIRED:
+            continue
+
+        def diff(r, get=get):
+            b = base.get(r["config"].get("seed"))
+            v, w = get(r), get(b) if b is not None else None
+            return None if v is None or w is None or not r["config"] else v - w
+        cols[header] = (f"Δ{header} vs {baseline}", "+.4f", diff)
+    return cols
+
+
+def compare_runs(run_dirs, split="test", refs=True, baseline=None, log=None):
+    """The paper-style markdown table (see the module doc); columns no row has are left out."""
+    if not run_dirs:
+        raise UserError("--compare needs at least one run directory")
+    runs = load_comparable_runs(run_dirs, split, log)
+    groups = group_by_run_name(runs)
+    paired = paired_columns(groups, baseline) if baseline else {}
+    columns = [col for c in COLUMNS for col in (c, paired.get(c[0])) if col]  # Δ right after its column
+    if refs:
+        groups.update(reference_rows(runs))
+    rows = []
+    for name, group in groups.items():
+        cells = [name, str(len(group))]
+        for _, fmt, get in columns:
+            ms = mean_std(get(r) for r in group)
+            cells.append("-" if ms is None else f"{ms[0]:{fmt}} ± {ms[1]:{fmt.lstrip('+')}}")
+        rows.append(cells)
+    keep = [0, 1] + [j + 2 for j in range(len(columns)) if any(row[j + 2] != "-" for row in rows)]
+    head = ["run", "n"] + [c[0] for c in columns]
+    lines = ["| " + " | ".join(head[j] for j in keep) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(keep) - 1)) + "|"]
+    lines += ["| " + " | ".join(row[j] for j in keep) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# figures
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path):
+    """fig.savefig through common.atomic_write (a killed write never leaves half a PNG)."""
+    import io
+    ext = os.path.splitext(path)[1] or ".png"
+    buf = io.BytesIO()
+    fig.savefig(buf, format=ext[1:], dpi=150, bbox_inches="tight")
+    atomic_write(path, buf.getvalue())
+
+
+def _is_none(v):
+    return v is None or str(v).lower() in ("none", "", "null")
+
+
+def _xy_series(points):
+    """[(x, y)] -> [(x, mean, std, n)] sorted by x (seeds at the same x averaged)."""
+    by_x = {}
+    for x, y in points:
+        by_x.setdefault(x, []).append(y)
+    return [(x, *mean_std(ys), len(ys)) for x, ys in sorted(by_x.items())]
+
+
+def budget_data(run_dirs, metric="auto", split="test"):
+    """What the budget figure draws: per axis ('k', 'l') the sweep series and the reference lines.
+
+    A run whose sample_metric is not 'none' varies l; every other run varies k. Full KD = policy 'full'
+    or k = l = 1 without sample selection; random = policy/pos_metric 'random' (k axis) or sample_metric
+    'random' (l axis). y = the benchmark Acc average (metric 'acc'), the held-out student loss
+    ('loss') or its true KL to the teacher ('kl'); 'auto' takes acc when every run has it, else loss.
+    """
+    from eval import paper_average
+    if not run_dirs:
+        raise UserError("--plot-kind budget needs run directories")
+    runs = load_comparable_runs(run_dirs, split)
+    if metric == "auto":
+        metric = "acc" if all(paper_average(r["eval"]) is not None for r in runs) else "loss"
+    if metric not in ("acc", "loss", "kl"):
+        raise UserError(f"--plot-metric must be auto, acc, loss or kl, got {metric!r}")
+
+    def y_of(r):
+        y = paper_average(r["eval"]) if metric == "acc" else r["heldout"].get(
+            "kl_true" if metric == "kl" else "loss")
+        if y is None:
+            raise UserError(f"{r['dir']}: no {metric} to plot")
+        return float(y)
+
+    out = {"metric": metric, "axes": {}}
+    full, points = [], {"k": {}, "l": {}}
+    random_refs = {"k": [], "l": []}
+    for r in runs:
+        c = r["config"]
+        k, l = float(c.get("k", 1.0)), float(c.get("l", 1.0))
+        if _is_none(c.get("sample_metric")):
+            if c.get("policy") == "full" or (k >= 1.0 and l >= 1.0):
+                full.append(y_of(r))
+            elif c.get("policy") == "random" or c.get("pos_metric") == "random":
+                random_refs["k"].append((k, y_of(r)))
+            else:
+                points["k"].setdefault(f"{c.get('pos_metric')} / {c.get('policy')}", []).append((k, y_of(r)))
+        elif c.get("sample_metric") == "random":
+            random_refs["l"].append((l, y_of(r)))
+        else:
+            points["l"].setdefault(str(c.get("sample_metric")), []).append((l, y_of(r)))
+    for axis in ("k", "l"):
+        if points[axis] or random_refs[axis]:
+            out["axes"][axis] = {"series": {name: _xy_series(p) for name, p in points[axis].items()},
+                                 "random": _xy_series(random_refs[axis]), "full": mean_std(full)}
+    if not out["axes"]:
+        raise UserError("--plot-kind budget: no run varies k or l (only Full KD runs given)")
+    return out
+
+
+def plot_budget(run_dirs, path, metric="auto", split="test"):
+    """Figures 2-3: y vs k (and vs l), Full KD and random as reference lines. Returns budget_data()."""
+    plt = _pyplot()
+    data = budget_data(run_dirs, metric, split)
+    axis_keys = list(data["axes"])
+    fig, axs = plt.subplots(1, len(axis_keys), figsize=(5.5 * len(axis_keys), 4), squeeze=False)
+    ylabel = {"acc": "benchmark Acc (avg)", "loss": "held-out student loss",
+              "kl": "held-out KL(teacher || student)"}[data["metric"]]
+    for ax, key in zip(axs[0], axis_keys):
+        d = data["axes"][key]
+        for name, s in d["series"].items():
+            ax.errorbar([p[0] for p in s], [p[1] for p in s], yerr=[p[2] for p in s], marker="o",
+                        capsize=3, label=name)
+        if d["full"] is not None:
+            ax.axhline(d["full"][0], color="black", linestyle="--", label="Full KD")
+        if len(d["random"]) == 1:
+            ax.axhline(d["random"][0][1], color="gray", linestyle=":",
+                       label=f"random ({key}={d['random'][0][0]:g})")
+        elif d["random"]:
+            ax.plot([p[0] for p in d["random"]], [p[1] for p in d["random"]], color="gray", linestyle=":",
+                    marker="x", label="random")
+        ax.set_xlabel({"k": "k (fraction of positions supervised)", "l": "l (fraction of samples kept)"}[key])
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save_figure(fig, path)
+    plt.close(fig)
+    return data
+
+
+def _wrap_lines(shown, width):
+    """Greedy line wrap in character units (monospace): [[(token index, x), ...], ...]."""
+    lines, x = [[]], 0
+    for i, s in enumerate(shown):
+        if x + len(s) > width and lines[-1]:
+            lines.append([])
+            x = 0
+        lines[-1].append((i, x))
+        x += len(s) + 1
+    return lines
+
+
+def plot_entropy_tokens(tokens, entropy, selected, path, title=None, width=90):
+    """Figure 6: tokens colored by student entropy H(q_t), selected positions (m_t = 1) outlined.
+
+    tokens: list of T strings, entropy (T,), selected (T,) bool. Returns {'lines', 'outlined'} counted
+    from the drawn boxes.
+    """
+    import torch
+    plt = _pyplot()
+    from matplotlib import colors
+    from matplotlib.cm import ScalarMappable
+    H = torch.as_tensor(entropy, dtype=torch.float32).flatten()
+    sel = torch.as_tensor(selected, dtype=torch.bool).flatten()
+    if not (len(tokens) == H.numel() == sel.numel()):
+        raise ValueError(f"tokens ({len(tokens)}), entropy ({H.numel()}) and selected ({sel.numel()}) "
+                         f"differ in length")
+    if not tokens:
+        raise ValueError("plot_entropy_tokens: no tokens")
+    shown = [t.replace("\n", "\\n").replace("\t", "\\t") or "∅" for t in tokens]
+    lines = _wrap_lines(shown, width)
+    font_size = 9
+    char_width = 0.6 * font_size / 72  # inches per monospace character
+    height = 0.3 * len(lines) + 1.3
+    fig = plt.figure(figsize=(width * char_width + 0.6, height))
+    ax = fig.add_axes([0.02, 0.35 / height + 0.12, 0.96, 0.8 - 0.35 / height])
+    ax.set_xlim(0, width)
+    ax.set_ylim(len(lines) - 0.5, -0.5)
+    ax.axis("off")
+    norm = colors.Normalize(vmin=0.0, vmax=max(float(H.max()), 1e-6))
+    cmap = plt.get_cmap("YlOrRd")
+    outlined = 0
+    for row, items in enumerate(lines):
+        for i, x in items:
+            on = bool(sel[i])
+            outlined += on
+            dark = norm(float(H[i])) > 0.7  # white text on the darkest boxes stays readable
+            box = dict(boxstyle="square,pad=0.15", facecolor=cmap(norm(float(H[i]))),
+                       edgecolor="blue" if on else "none", linewidth=1.6 if on else 0.0)
+            ax.text(x, row, shown[i], fontfamily="monospace", fontsize=font_size, va="center", ha="left",
+                    parse_math=False, color="white" if dark else "black", bbox=box)
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, orientation="horizontal",
+                       fraction=0.08, pad=0.02)
+    bar.set_label("student entropy H(q_t) (nats); outlined = selected (m_t = 1)")
+    if title:
+        ax.set_title(title, fontsize=10)
+    save_figure(fig, path)
+    plt.close(fig)
+    return {"lines": len(lines), "outlined": outlined}
+
+
+def token_entropy(model, input_ids, vocab_size=None, chunk_size=1024):
+    """H(q_t) for every position of one sequence (T,) -> (T,) fp32, via losses.chunked_entropy."""
+    import torch
+    import losses
+    from models import head_weight, trunk
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        hidden = trunk(model, torch.as_tensor(input_ids, dtype=torch.long, device=device)[None])[0]  # (T, d)
+        return losses.chunked_entropy(hidden, head_weight(model, vocab_size), chunk_size).cpu()
+
+
+def entropy_selection(entropy, valid, k):
+    """The positions top-k selects by entropy (T,) among `valid` (T,): selection.POLICIES['top_k'],
+    the same call train.py's step makes (budget selection.num_selected)."""
+    import selection
+    weights = selection.POLICIES["top_k"](entropy[None].float(), valid[None].bool(), k)  # (1, T)
+    return weights[0] > 0
+
+
+def plot_entropy_run(run_dir, path, n_tokens=128, device="cpu", split="validation"):
+    """Figure 6 for a run: its model on the first held-out sequence, top-k by entropy with the run's k."""
+    import torch
+    import data
+    from models import load_model
+    cfg = read_json(os.path.join(run_dir, "config.json"))
+    model, tok = load_model(os.path.join(run_dir, "model"), device, torch.float32)
+    packed = data.load_splits(tok, **data_kwargs(cfg))["val" if split == "validation" else "test"]
+    if len(packed.input_ids) == 0:
+        raise UserError(f"{run_dir}: the held-out split is empty")
+    T = min(n_tokens, packed.input_ids.shape[1])
+    ids, targets, valid = packed.input_ids[0, :T], packed.targets[0, :T], packed.valid[0, :T]
+    vocab_size = min(len(tok), model.get_output_embeddings().weight.shape[0])
+    H = token_entropy(model, ids, vocab_size)
+    k = float(cfg.get("k", 1.0))
+    selected = entropy_selection(H, valid, k)
+    tokens = [tok.decode([int(t)]) for t in targets]  # position t is scored on the token it predicts
+    name = os.path.basename(os.path.normpath(run_dir))
+    return plot_entropy_tokens(tokens, H, selected, path, title=f"{name}: top-{k:g} by student entropy")
+
+
+def data_kwargs(cfg, args=None):
+    """data.load_splits keyword arguments from a run's config.json, overridden by CLI flags."""
+    kw = {k: cfg.get(k) for k in ("data", "seq_len", "tokens", "eval_tokens", "seed", "text_field", "task",
+                                  "task_data")}
+    kw["backend"] = cfg.get("tokenizer_backend")
+    if args is not None:
+        for k in ("data", "seq_len", "tokens", "eval_tokens", "seed"):
+            if getattr(args, k, None) is not None:
+                kw[k] = getattr(args, k)
+    for k in ("tokens", "eval_tokens"):
+        if kw.get(k) is not None:
+            kw[k] = int(kw[k])
+    if kw.get("task") in (None, "lm"):  # only a task-specific run needs task/task_data
+        kw.pop("task", None), kw.pop("task_data", None)
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("runs", nargs="*", help="run dirs (train.py --out-dir) for --plot; also accepted for --compare")
+    a("--compare", nargs="+", metavar="RUN", help="print the paper-style table of these runs")
+    a("--compare-out", metavar="FILE.md", help="also write the table here")
+    a("--compare-baseline", metavar="RUN_NAME",
+      help="add per-seed differences of loss and KL to this run name")
+    a("--split", choices=["validation", "test"], default="test",
+      help="which eval file to read: eval.json (test) or eval_validation.json")
+    a("--plot", metavar="FILE.png", help="draw a figure (needs matplotlib)")
+    a("--plot-kind", choices=["budget", "entropy"], default="budget")
+    a("--plot-metric", choices=["auto", "acc", "loss", "kl"], default="auto",
+      help="budget: y axis (auto: benchmark Acc when every run has eval.json, else held-out loss)")
+    a("--plot-tokens", type=int, default=128, help="entropy: tokens shown")
+    a("--device", default="cpu", help="entropy: where the run's model runs")
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    if not args.compare and not args.plot:
+        raise UserError("nothing to do: give --compare RUN... or --plot FILE RUN...")
+    result = None
+    if args.compare:
+        result = compare_runs(args.compare + args.runs, args.split, baseline=args.compare_baseline)
+        print(result, end="")
+        if args.compare_out:
+            atomic_write(args.compare_out, result)
+    if args.plot:
+        runs = args.runs or args.compare or []
+        if args.plot_kind == "budget":
+            return plot_budget(runs, args.plot, args.plot_metric, args.split)
+        if len(runs) != 1 or not os.path.isdir(os.path.join(runs[0], "model")):
+            raise UserError("--plot-kind entropy needs exactly one run directory (with RUN/model)")
+        return plot_entropy_run(runs[0], args.plot, args.plot_tokens, args.device)
+    return result
+
+
+COLUMNS = [  # (header, format, row -> value or None); row = load_run() or a reference_rows() entry
+    ("held-out loss", ".4f", lambda r: r["heldout"].get("loss")),
+    ("held-out PPL", ".2f", lambda r: r["heldout"].get("ppl")),
+    ("KL(p‖q)", ".4f", lambda r: r["heldout"].get("kl_true")),
+    ("KL est. (RS cache)", ".4f", lambda r: r["heldout"].get("kl_rs_estimate")),
+    ("top-1 agree", ".4f", lambda r: r["heldout"].get("top1_agree")),
+    ("held-out ECE", ".4f", lambda r: r["heldout"].get("ece")),
+    ("Acc", ".4f", lambda r: _eval_metric("paper_average", r)),
+    ("LAMBADA PPL", ".2f", lambda r: _get(r["eval"], "lambada", "ppl")),
+    ("LAMBADA ECE", ".4f", lambda r: _get(r["eval"], "lambada", "ece_greedy_word")
+     if _get(r["eval"], "lambada", "ece_greedy_word") is not None else _get(r["eval"], "lambada", "ece")),
+    ("ECE choices", ".4f", lambda r: _eval_metric("choice_ece_average", r)),
+    ("GSM8K strict", ".4f", lambda r: _get(r["eval"], "gsm8k", "strict_match")),
+    ("GSM8K flexible", ".4f", lambda r: _get(r["eval"], "gsm8k", "flexible_extract")),
+    ("IFEval S", ".4f", lambda r: _get(r["eval"], "ifeval", "prompt_strict")),
+    ("IFEval L", ".4f", lambda r: _get(r["eval"], "ifeval", "prompt_loose")),
+    ("sup. pos", ".3f", lambda r: _get(r["summary"], "sup_frac_positions")),
+    ("sup. samples", ".3f", lambda r: _get(r["summary"], "sup_frac_samples")),
+    ("wall (s)", ".1f", lambda r: _get(r["summary"], "wall_time_s")),
+    ("train (s)", ".1f", lambda r: _get(r["summary"], "wall_time_split", "train_s")),
+    ("mem S (GiB)", ".2f", lambda r: _gib(_get(r["summary"], "peak_mem_bytes", "student"))),
+    ("mem T (GiB)", ".2f", lambda r: _gib(_get(r["summary"], "peak_mem_bytes", "teacher"))),
+]
+
+
+def _eval_metric(name, row):
+    import eval as evaluation  # the benchmark definitions live with the scorers
+    return getattr(evaluation, name)(row["eval"])
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"report.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
