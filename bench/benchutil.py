@@ -5,11 +5,11 @@ import platform
 
 import torch
 
-import cache
+import common
 
 
 def write_json(path, obj):
-    cache.atomic_write(path, json.dumps(obj, indent=1, default=str) + "\n")  # the project's one atomic writer
+    common.atomic_json(path, obj, indent=1)  # the project's one atomic writer
 
 
 def machine():
@@ -23,3 +23,35 @@ def machine():
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return dict(cpu_count=os.cpu_count(), cpu=cpu, torch=torch.__version__, python=platform.python_version(),
                 gpu=gpu, threads=torch.get_num_threads())
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype=torch.float32, n=2048, reps=5, device="cpu"):
+    """The machine's matmul throughput: GFLOP/s of an n x n x n GEMM (2 n^3 FLOPs), best of `reps`
+    after one warm-up, in `dtype`. Returns None where the dtype's GEMM does not run on `device`."""
+    import time
+    g = torch.Generator(device=device).manual_seed(0)
+    try:
+        a = torch.randn(n, n, generator=g, device=device).to(dtype)
+        b = torch.randn(n, n, generator=g, device=device).to(dtype)
+        a @ b
+    except RuntimeError:
+        return None
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def median_minmax(xs):
+    """(median, min, max) of a list of numbers."""
+    import statistics
+    return statistics.median(xs), min(xs), max(xs)

@@ -5,9 +5,9 @@ Five train.py runs on the same data and token budget (the tiny preset: SmolLM2-1
 
     full_kd          --k 1.0                                   every position, every sample
     random_pos_20    --policy random --k 0.2                   20% random positions per sequence
-    top_smp_20       --sample-metric student_entropy --l 0.2   TopSmp: keep the 20% of samples with the
+    top_smp_20       --sample-metric student_entropy --sample-frac 0.2   TopSmp: keep the 20% of samples with the
                                                                highest mean student entropy s_i
-    se_kd_3x_build   --k 0.2 --sample-metric student_entropy --l 0.2 --rs-u 64 --cache-dir DIR
+    se_kd_3x_build   --k 0.2 --sample-metric student_entropy --sample-frac 0.2 --rs-u 64 --cache-dir DIR
                      SE-KD_3X: positions x samples x classes; builds the RS-KD teacher cache (and the
                      sample selection) in DIR
     se_kd_3x_reuse   the same flags and DIR: the selection, the cache and the student init are reused,
@@ -48,9 +48,9 @@ M = "student_entropy"
 RUNS = [
     ("full_kd", ["--k", "1.0"]),
     ("random_pos_20", ["--policy", "random", "--k", "0.2"]),
-    ("top_smp_20", ["--sample-metric", M, "--l", "0.2"]),
-    ("se_kd_3x_build", ["--k", "0.2", "--sample-metric", M, "--l", "0.2", "--rs-u", "64", "--cache-dir", "{cache}"]),
-    ("se_kd_3x_reuse", ["--k", "0.2", "--sample-metric", M, "--l", "0.2", "--rs-u", "64", "--cache-dir", "{cache}"]),
+    ("top_smp_20", ["--sample-metric", M, "--sample-frac", "0.2"]),
+    ("se_kd_3x_build", ["--k", "0.2", "--sample-metric", M, "--sample-frac", "0.2", "--rs-u", "64", "--cache-dir", "{cache}"]),
+    ("se_kd_3x_reuse", ["--k", "0.2", "--sample-metric", M, "--sample-frac", "0.2", "--rs-u", "64", "--cache-dir", "{cache}"]),
 ]
 PAPER = {"top_smp_20": 7 * 60 + 1, "se_kd_3x_reuse": 3 * 60 + 58, "full_kd": 22 * 60 + 52}  # minutes, Table 7
 SPLIT = ["load_s", "scoring_s", "cache_s", "train_s", "eval_s"]

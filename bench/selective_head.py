@@ -370,14 +370,14 @@ def student_step(variant, c, tgt):
         ls = full_logits(c.student, c.x, c.V)  # (B, T, V) with grad
         w = _select_dense(ls, c)
         _rows(w)  # marks the end of scoring for the tracker
-        loss = selection.batch_mean(w, losses.kl_per_position(tgt, ls))  # dense KL, masked mean
+        loss = selection.batch_mean(w, losses.kl_per_position(ls, tgt))  # dense KL, masked mean
         n = int((w > 0).sum())
     elif variant == "k20_teacher":
         ls = full_logits(c.student, c.x, c.V)  # (B, T, V)
         sel, rw = _rows(_select_dense(ls, c))
         with torch.no_grad():
             lt = losses.selective_logits(tgt, c.Wt, sel).float()  # (N, V)
-        loss = (rw * losses.kl_per_position(lt, ls[sel])).sum()
+        loss = (rw * losses.kl_per_position(ls[sel], lt)).sum()
         n = int(sel.sum())
     elif variant in ("k20_student", "k20_plain"):
         hs = models.trunk(c.student, c.x)  # (B, T, d)
@@ -388,7 +388,7 @@ def student_step(variant, c, tgt):
         else:
             with torch.no_grad():
                 lt = losses.selective_logits(tgt, c.Wt, sel).float()  # (N, V)
-        loss = (rw * losses.kl_per_position(lt, ls)).sum()
+        loss = (rw * losses.kl_per_position(ls, lt)).sum()
         n = int(sel.sum())
     elif variant in ("k20_selective", "chunked_k100"):
         k = c.k if variant == "k20_selective" else 1.0

@@ -64,16 +64,17 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_study_scripts_name_real_flags_and_matrices():
-    import train
+    import config
+    import study as study_mod
     study = open(os.path.join(ROOT, "docs", "study.sh")).read()
     flags = re.search(r"FLAGS=\((.*?)\)", study, re.S).group(1).replace('"$OUT"', "out/x").split()
     for m in re.search(r"for m in ([\w ]+);", study).group(1).split():
-        args = train.parse_args(flags + ["--matrix", m])  # a typo in the script fails here, not after an hour
+        args = config.parse_args(flags + ["--matrix", m])  # a typo in the script fails here, not after an hour
         assert args.matrix == m and args.seeds == "0,1,2"
     make = open(os.path.join(ROOT, "docs", "make_results.sh")).read()
     for line in re.findall(r"\$\(dirs ([\w. ]+)\)", make):
         for name in line.split():
-            assert name in train.MATRICES or any(name == n for rows in train.MATRICES.values() for n, _ in rows), name
+            assert name in study_mod.MATRICES or any(name == n for rows in study_mod.MATRICES.values() for n, _ in rows), name
 
 
 def test_results_page_links_exist():

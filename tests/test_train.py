@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import config
 import selection
+import study
 import train
 from conftest import ROOT, train_args
 
@@ -66,13 +68,13 @@ def test_every_policy_runs(tiny_dir, tmp_path, policy):
 @pytest.mark.parametrize("extra", [["--loss", "weighted"], ["--loss", "atkd"], ["--loss", "dkd"],
                                    ["--loss", "reverse_kl"], ["--lam", "0.5"], ["--temperature", "2.0"],
                                    ["--rs-u", "8"], ["--no-selective-head", "--k", "0.2"],
-                                   ["--sample-metric", "student_entropy", "--l", "0.5"],
-                                   ["--sample-metric", "kl", "--l", "0.5"], ["--on-policy", "--gen-prompt-len", "8",
+                                   ["--sample-metric", "student_entropy", "--sample-frac", "0.5"],
+                                   ["--sample-metric", "kl", "--sample-frac", "0.5"], ["--on-policy", "--gen-prompt-len", "8",
                                                                              "--gen-tokens", "8"]])
 def test_methods_run(tiny_dir, tmp_path, extra):
     s = run_inproc(tiny_dir, tmp_path, "--max-steps", "2", *extra)
     assert s["steps"] == 2 and torch.isfinite(torch.tensor(s["student_after"]["loss"]))
-    if "--l" in extra:
+    if "--sample-frac" in extra:
         assert s["sup_frac_samples"] == 0.5
 
 
@@ -120,14 +122,14 @@ def test_ddp_two_processes_match_single(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("bad,msg", [(["--k", "0"], "--k must be in"), (["--k", "1.5"], "--k must be in"),
-                                     (["--l", "2"], "--l must be in"), (["--seq-len", "1"], "--seq-len"),
+                                     (["--sample-frac", "2"], "--sample-frac must be in"), (["--seq-len", "1"], "--seq-len"),
                                      (["--on-policy", "--rs-u", "64"], "--on-policy cannot"),
                                      (["--pos-metric", "kl", "--cache-dir", "x"], "needs teacher logits"),
-                                     (["--l", "0.5"], "--l < 1 needs --sample-metric"),
+                                     (["--sample-frac", "0.5"], "--sample-frac < 1 needs --sample-metric"),
                                      (["--policy", "nope"], "invalid choice")])
 def test_bad_flags_are_clear(tiny_dir, tmp_path, capsys, bad, msg):
     with pytest.raises(SystemExit):
-        train.parse_args(train_args(tiny_dir, tmp_path, *bad))
+        config.parse_args(train_args(tiny_dir, tmp_path, *bad))
     assert msg in capsys.readouterr().err
 
 
@@ -140,9 +142,9 @@ def test_cache_is_built_once_then_reused_without_teacher(tiny_dir, tmp_path):
     assert 0.2 <= b["sup_frac_positions"] < 0.26  # selection still runs (student entropy) with the cache
     assert [r["loss"] for r in metrics(tmp_path / "a")] == pytest.approx([r["loss"] for r in metrics(tmp_path / "b")])
     # SE-KD_3X: positions x classes x samples, with its own (sample-selected) cache
-    c = run_inproc(tiny_dir, tmp_path / "c", *flags, "--sample-metric", "student_entropy", "--l", "0.5")
+    c = run_inproc(tiny_dir, tmp_path / "c", *flags, "--sample-metric", "student_entropy", "--sample-frac", "0.5")
     assert c["sup_frac_samples"] == 0.5 and c["teacher_loaded"]
-    d = run_inproc(tiny_dir, tmp_path / "d", *flags, "--sample-metric", "student_entropy", "--l", "0.5")
+    d = run_inproc(tiny_dir, tmp_path / "d", *flags, "--sample-metric", "student_entropy", "--sample-frac", "0.5")
     assert not d["teacher_loaded"] and d["wall_time_split"]["cache_s"] < c["wall_time_split"]["cache_s"] + 5
 
 
@@ -151,12 +153,12 @@ def test_matrix_runs_each_config_then_skips_finished(tiny_dir, tmp_path):
     r = run_sub(tiny_dir, tmp_path / "m", *flags)
     assert r.returncode == 0, r.stderr[-3000:]
     table = (tmp_path / "m" / "table3.md").read_text()
-    for name, _ in train.MATRICES["table3"]:
+    for name, _ in study.MATRICES["table3"]:
         assert name in table
         for seed in (0, 1):
             assert (tmp_path / "m" / name / f"seed{seed}" / "summary.json").exists()
     r = run_sub(tiny_dir, tmp_path / "m", *flags)
-    assert r.returncode == 0 and r.stdout.count("done, skipping") == 2 * len(train.MATRICES["table3"])
+    assert r.returncode == 0 and r.stdout.count("done, skipping") == 2 * len(study.MATRICES["table3"])
 
 
 def test_ddp_cache_build_is_sharded_across_ranks(tiny_dir, tmp_path):
@@ -180,11 +182,11 @@ def test_ddp_cache_build_is_sharded_across_ranks(tiny_dir, tmp_path):
 def test_matrix_memo_runs_teacher_once_and_matches_a_plain_run(tiny_dir, tmp_path, capsys):
     flags = ("--k", "0.2", "--pos-metric", "kl", "--max-steps", "3")
     shared = {"matrix": True}
-    train.main(train_args(tiny_dir, tmp_path / "a", *flags), shared)
-    train.main(train_args(tiny_dir, tmp_path / "b", *flags), shared)  # second run: teacher and states reused
+    train.run(config.parse_args(train_args(tiny_dir, tmp_path / "a", *flags)), shared)
+    train.run(config.parse_args(train_args(tiny_dir, tmp_path / "b", *flags)), shared)  # teacher, states reused
     assert capsys.readouterr().out.count("loading teacher") == 1
-    states = next(v for k, v in shared.items() if k[0] == "states")
-    assert len(states["rows"]) == 1024 // 32 + 256 // 32  # one entry per train and val row
+    memo = next(v for k, v in shared.items() if k[0] == "memo")
+    assert len(memo.rows) == 1024 // 32 + 256 // 32  # one entry per train and val row
     a, b = (json.load(open(tmp_path / d / "summary.json")) for d in ("a", "b"))
     assert a["student_after"] == b["student_after"] and a["student_before"] == b["student_before"]
     assert a["wall_time_split"]["teacher_memo_s"] > 0 and b["wall_time_split"]["teacher_memo_s"] < \
@@ -194,11 +196,12 @@ def test_matrix_memo_runs_teacher_once_and_matches_a_plain_run(tiny_dir, tmp_pat
         assert plain["student_after"][key] == pytest.approx(a["student_after"][key], rel=1e-4, abs=1e-5)
     assert "teacher_memo_s" not in plain["wall_time_split"]
     # a memo with room for 3 rows keeps 3, stops filling, and the numbers stay the same
-    row_gb = states["bytes"] / len(states["rows"]) / 2 ** 30
+    row_gb = memo.bytes / len(memo.rows) / 2 ** 30
     small = {"matrix": True}
-    train.main(train_args(tiny_dir, tmp_path / "d", *flags, "--teacher-memo-gb", str(3.5 * row_gb)), small)
-    rows = next(v for k, v in small.items() if k[0] == "states")["rows"]
-    assert set(rows) <= set(states["rows"]) and len(rows) == 3
+    train.run(config.parse_args(train_args(tiny_dir, tmp_path / "d", *flags, "--teacher-memo-gb", str(3.5 * row_gb))),
+              small)
+    rows = next(v for k, v in small.items() if k[0] == "memo").rows
+    assert set(rows) <= set(memo.rows) and len(rows) == 3
     assert json.load(open(tmp_path / "d" / "summary.json"))["student_after"] == a["student_after"]
 
 
@@ -206,14 +209,14 @@ def test_matrices_sharing_an_out_dir_copy_identical_configs(tiny_dir, tmp_path):
     src = tmp_path / "top20_student_entropy" / "seed0"
     argv = train_args(tiny_dir, src, "--k", "0.2", "--max-steps", "1", "--seed", "0", "--run-name", "top20_student_entropy")
     train.main(argv)
-    key = train.config_key(train.parse_args(argv))
+    key = study.config_key(config.parse_args(argv))
     assert json.load(open(src / "config.json"))["config_key"] == key
-    other = train.config_key(train.parse_args(argv + ["--k", "0.3"]))
-    renamed = train.config_key(train.parse_args(argv + ["--out-dir", "elsewhere", "--run-name", "x", "--log-every", "5"]))
+    other = study.config_key(config.parse_args(argv + ["--k", "0.3"]))
+    renamed = study.config_key(config.parse_args(argv + ["--out-dir", "elsewhere", "--run-name", "x", "--log-every", "5"]))
     assert other != key and renamed == key  # only flags that change the numbers count
     dst = tmp_path / "top_k_20" / "seed0"
-    assert not train.copy_same_run(str(tmp_path), str(dst), "top_k_20", other)
-    assert train.copy_same_run(str(tmp_path), str(dst), "top_k_20", key)
+    assert not study.copy_same_run(str(tmp_path), str(dst), "top_k_20", other)
+    assert study.copy_same_run(str(tmp_path), str(dst), "top_k_20", key)
     s, s0 = json.load(open(dst / "summary.json")), json.load(open(src / "summary.json"))
     assert s["run_name"] == "top_k_20" and s["same_as"] == str(src) and s["student_after"] == s0["student_after"]
     assert json.load(open(dst / "config.json"))["run_name"] == "top_k_20"

@@ -1,0 +1,202 @@
+"""train.py's flags: presets, parsing and the checks that need no model (like nanoGPT's configurator.py,
+config stays out of the trainer).
+
+    args = config.parse_args(argv)     # flags -> presets filled in -> derived defaults -> checks
+
+A preset fills every flag the user did not pass; explicit flags win. `finalize` is separate so a study
+(study.py) can take the parsed flags, override a few fields per run, and finalize each run the same way.
+Bad flags exit with one argparse line naming the flag (exit 2) before any model is loaded.
+"""
+import argparse
+import copy
+import math
+
+import losses
+import selection
+
+PRESETS = {  # explicit flags override these
+    "tiny": dict(teacher="smollm2", student=None, student_layers="0,4,8,12,16,20,24,29", data=None,
+                 seq_len=256, tokens=49_152, eval_tokens=8_192, batch_size=4, grad_accum=1, lr=3e-4,
+                 optim="adamw", schedule="cosine", warmup=0.05, seeds="0"),
+    # Table 8-9 and Appendix B/F of the paper: Adam8bit at a constant lr 1e-5, batch 16 (2 x 8), 512-token
+    # sequences, 4,000 curriculum steps, seeds 1337-1339 (the authors' released configuration)
+    "paper": dict(teacher="Qwen/Qwen3-8B", student="Qwen/Qwen3-1.7B", data="HuggingFaceFW/fineweb-edu",
+                  seq_len=512, tokens=80_000_000, eval_tokens=1_048_576, batch_size=2, grad_accum=8,
+                  lr=1e-5, temperature=1.0, lam=1.0, optim="adam8bit", schedule="constant", warmup=0.0,
+                  curriculum_steps=4000, seeds="1337,1338,1339"),
+}
+SAMPLE_METRICS = ["none", "student_entropy", "ce_ratio", "kl", "random"]
+MATRICES = ["table2", "table3", "table4", "table5", "budget"]  # defined in study.py
+# flags that change where a run writes or what it is called, not its numbers (kept out of config_key)
+RUN_ONLY = ("out_dir", "run_name", "resume", "log_every", "ckpt_every", "save_model", "teacher_memo_gb",
+            "matrix", "seeds", "debug", "fresh")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(prog="train.py", description="Selective knowledge distillation, one run.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    a = p.add_argument
+    a("--preset", choices=PRESETS, default="tiny", help="defaults for a setting; explicit flags win")
+    g = p.add_argument_group("models and data").add_argument
+    g("--teacher", help="hub id, local HF dir, .gguf file, or 'smollm2' (offline default)")
+    g("--student", help="hub id / dir / .gguf; default: the teacher with --student-layers kept")
+    g("--student-layers", help="teacher layers the default student keeps: '0,4,8' or 'every:3'")
+    g("--data", help="hub dataset id, local .txt/.jsonl/.parquet file, dir or glob; default: stdlib corpus")
+    g("--text-field", default="text", help="text field of .jsonl/.parquet/hub rows")
+    g("--task", choices=["lm", "gsm8k"], default="lm", help="gsm8k: task-specific KD, prompt masked")
+    g("--task-data", default="openai/gsm8k", help="GSM8K source: hub id or local JSONL (question/answer)")
+    g("--seq-len", type=int, help="tokens per packed sequence (T)")
+    g("--tokens", type=float, help="training token budget (packed sequences = tokens // T)")
+    g("--eval-tokens", type=float, help="tokens in each held-out split (val, test)")
+    g("--eval-split", choices=["val", "test"], default="val", help="held-out split for summary metrics")
+    g("--tokenizer-backend", choices=["auto", "hf", "tiktoken"], default="auto",
+      help="auto: tiktoken when proven id-for-id equal to the HF tokenizer")
+    g = p.add_argument_group("position axis").add_argument
+    g("--pos-metric", choices=selection.METRICS, default="student_entropy", help="position score (Table 1)")
+    g("--policy", choices=selection.POLICIES, default="top_k", help="how positions are picked (Table 3)")
+    g("--k", type=float, default=1.0, help="fraction of positions supervised; 1.0 = Full KD")
+    g("--gls-queue", type=int, default=30_000, help="GLS: length of the global score queue")
+    g("--curriculum-steps", type=int, help="curriculum: steps from easiest to hardest (default: all)")
+    g("--pos-rs-temp", type=float, default=1.0, help="Pos RS-KD: temperature flattening q(t)")
+    g = p.add_argument_group("alignment, classes, samples").add_argument
+    g("--loss", choices=losses.LOSSES, help="kl (default; reverse_kl with --on-policy), weighted = Weighted KD")
+    g("--temperature", type=float, default=1.0, help="distillation temperature T")
+    g("--lam", type=float, default=1.0, help="weight of KD vs CE (1.0 = pure KD, 0.0 = plain CE, no teacher)")
+    g("--rs-u", type=int, help="RS-KD: sampled teacher classes per position (0 = off; 64 with --cache-dir)")
+    g("--sample-metric", choices=SAMPLE_METRICS, default="none", help="sample selection score")
+    g("--sample-frac", type=float, default=1.0, help="the paper's l: fraction of samples kept")
+    g("--cache-dir", help="offline teacher cache root (RS-KD targets): built if missing, reused if present")
+    g("--cache-shard-size", type=int, default=256, help="sequences per cache shard (the unit of resume)")
+    g = p.add_argument_group("memory, regimes").add_argument
+    g("--selective-head", action=argparse.BooleanOptionalAction, default=None,
+      help="logits only at selected rows (default: on when k < 1)")
+    g("--entropy-chunk", type=int, help="rows of logits alive at once (default: 1024 on GPU, 128 on CPU)")
+    g("--on-policy", action="store_true", help="student generates, teacher scores (Table 5)")
+    g("--gen-prompt-len", type=int, default=32, help="on-policy: prompt tokens per sequence")
+    g("--gen-tokens", type=int, default=64, help="on-policy: tokens the student generates")
+    g = p.add_argument_group("optimisation").add_argument
+    g("--optim", choices=["adamw", "adam8bit"], help="adam8bit (the paper's) needs bitsandbytes and a GPU")
+    g("--lr", type=float, help="peak learning rate")
+    g("--schedule", choices=["cosine", "constant"], help="lr after warmup: cosine to 10%%, or constant")
+    g("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g("--warmup", type=float, help="warmup, fraction of steps")
+    g("--batch-size", type=int, help="sequences per micro-batch, per process")
+    g("--grad-accum", type=int, help="micro-batches per optimizer step")
+    g("--epochs", type=float, default=1.0, help="passes over the (selected) training data")
+    g("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    g("--seed", type=int, default=0, help="data order, selection draws, cache sampling")
+    g("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+      help="bf16: teacher in bf16, student fp32 master weights under bf16 autocast; auto: bf16 on GPU")
+    g = p.add_argument_group("devices and runs").add_argument
+    g("--teacher-device", help="one process: default cuda:0 (cpu without GPUs); not with torchrun")
+    g("--student-device", help="one process: default cuda:1 with two GPUs, else the teacher's; not with torchrun")
+    g("--out-dir", default="out/run", help="config.json, metrics.jsonl, summary.json, model/")
+    g("--run-name", help="label of this configuration (grouping seeds in tables)")
+    g("--resume", action="store_true", help="continue from out-dir/ckpt.pt of the same config (none: start fresh)")
+    g("--fresh", action="store_true", help="start over in an out-dir that holds another run (deletes its files)")
+    g("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    g("--log-every", type=int, default=10, help="progress line every N steps")
+    g("--save-model", action=argparse.BooleanOptionalAction, default=True, help="save out-dir/model/")
+    g("--debug", action="store_true", help="full tracebacks instead of one-line errors")
+    g = p.add_argument_group("studies (study.py)").add_argument
+    g("--matrix", choices=MATRICES, help="run a named table of configs x --seeds (study.py)")
+    g("--seeds", help="matrix: comma-separated seeds (default: the preset's)")
+    g("--teacher-memo-gb", type=float, default=4.0,
+      help="matrix: RAM for the teacher's final hidden states kept across runs (its trunk runs once)")
+    return p
+
+
+def parse_args(argv=None, raw=False):
+    """argv -> finalized args (raw=True: as parsed, before presets, yet checked); bad flags exit 2 with
+    one argparse line."""
+    p = get_parser()
+    args = p.parse_args(argv)
+    try:
+        done = finalize(args)
+    except ValueError as e:
+        p.error(str(e))
+    return args if raw else done
+
+
+def finalize(raw):
+    """Fill preset defaults and derived defaults into a copy of `raw`, then check it (ValueError)."""
+    args = copy.copy(raw)
+    for key, val in PRESETS[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, val)
+    if args.entropy_chunk is None:
+        import torch
+        args.entropy_chunk = 1024 if torch.cuda.is_available() else 128
+    args.loss = args.loss or ("reverse_kl" if args.on_policy else "kl")
+    if args.selective_head is None:
+        args.selective_head = args.k < 1.0
+    if args.rs_u is None:  # the cache stores U sampled classes: training from it is RS-KD, U = 64 by default
+        args.rs_u = 64 if args.cache_dir else 0
+    check(args)
+    args.tokens, args.eval_tokens = int(args.tokens), int(args.eval_tokens)
+    return args
+
+
+def check(args):
+    """Every check that needs no model, so a typo fails in a second, not after loading an 8B teacher."""
+    for name in ("k", "sample_frac"):
+        v = getattr(args, name)
+        if not (math.isfinite(v) and 0 < v <= 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
+    finite = ("lr", "temperature", "lam", "tokens", "eval_tokens", "warmup", "epochs", "pos_rs_temp",
+              "weight_decay", "teacher_memo_gb")
+    for name in finite:
+        if not math.isfinite(getattr(args, name)):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
+    seeds = [] if args.seeds is None else args.seeds.split(",")
+    checks = [
+        (args.seq_len >= 2, f"--seq-len must be >= 2, got {args.seq_len}"),
+        (args.tokens >= args.seq_len, f"--tokens {args.tokens:g} is smaller than one sequence (--seq-len {args.seq_len})"),
+        (args.eval_tokens >= args.seq_len, f"--eval-tokens {args.eval_tokens:g} is smaller than one sequence"),
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.grad_accum >= 1, f"--grad-accum must be >= 1, got {args.grad_accum}"),
+        (args.max_steps is None or args.max_steps >= 1, f"--max-steps must be >= 1, got {args.max_steps}"),
+        (args.epochs > 0, f"--epochs must be > 0, got {args.epochs}"),
+        (args.lr >= 0, f"--lr must be >= 0, got {args.lr}"),
+        (0 <= args.warmup < 1, f"--warmup is a fraction of steps in [0, 1), got {args.warmup}"),
+        (args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
+        (0.0 <= args.lam <= 1.0, f"--lam must be in [0, 1], got {args.lam}"),
+        (args.rs_u >= 0, f"--rs-u must be >= 0, got {args.rs_u}"),
+        (args.entropy_chunk >= 1, f"--entropy-chunk must be >= 1, got {args.entropy_chunk}"),
+        (args.gls_queue >= 1, f"--gls-queue must be >= 1, got {args.gls_queue}"),
+        (args.pos_rs_temp > 0, f"--pos-rs-temp must be > 0, got {args.pos_rs_temp}"),
+        (args.curriculum_steps is None or args.curriculum_steps >= 1,
+         f"--curriculum-steps must be >= 1, got {args.curriculum_steps}"),
+        (args.cache_shard_size >= 1, f"--cache-shard-size must be >= 1, got {args.cache_shard_size}"),
+        (args.ckpt_every >= 0 and args.log_every >= 1, "--ckpt-every must be >= 0 and --log-every >= 1"),
+        (args.teacher_memo_gb >= 0, f"--teacher-memo-gb must be >= 0, got {args.teacher_memo_gb}"),
+        (all(s.strip().lstrip("-").isdigit() for s in seeds) and (args.seeds is None or seeds),
+         f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}"),
+        (args.sample_frac == 1.0 or args.sample_metric != "none",
+         "--sample-frac < 1 needs --sample-metric (which samples to keep?)"),
+        (not (args.on_policy and (args.rs_u or args.cache_dir)),
+         "--on-policy cannot use --rs-u/--cache-dir: a cache cannot cover student-generated text"),
+        (not (args.on_policy and args.sample_metric != "none"), "--on-policy with --sample-metric is not supported"),
+        (not args.on_policy or 1 <= args.gen_prompt_len < args.seq_len,
+         f"--gen-prompt-len must be in [1, --seq-len {args.seq_len}), got {args.gen_prompt_len}"),
+        (not args.on_policy or args.gen_tokens >= 1, f"--gen-tokens must be >= 1, got {args.gen_tokens}"),
+        (not (args.cache_dir and selection.needs_teacher(args.pos_metric)),
+         f"--pos-metric {args.pos_metric} needs teacher logits, which --cache-dir replaces; use a student metric"),
+        (not (args.rs_u and not losses.supports_rs_kd(args.loss)),
+         f"--rs-u trains on sampled classes with --loss kl, not {args.loss}"),
+        (not (args.resume and args.fresh), "--resume and --fresh exclude each other"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+
+
+def check_environment(args):
+    """Packages a run needs, checked before any model loads (common.UserError)."""
+    if (args.optim or PRESETS[args.preset]["optim"]) == "adam8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            import common
+            raise common.UserError("--optim adam8bit (the paper's, set by --preset paper) needs bitsandbytes and "
+                                   "a GPU: pip install bitsandbytes, or pass --optim adamw") from None

@@ -1,0 +1,212 @@
+"""Studies: every table of the paper as a named list of runs, run for several seeds (like nanochat's
+runs/*.sh, the multi-run logic lives outside the trainer).
+
+    python train.py --matrix table3 --seeds 0,1,2 --out-dir runs/t3 [flags for every run]
+
+train.py hands the parsed flags and its single-run function to `run_matrix`; this module never imports
+train.py. For each (config, seed) it overrides a few flags on a copy of the parsed flags (no argv
+editing), then:
+  - skips a finished run only if its recorded config_key equals the one requested (a rerun with other
+    flags into the same out-dir is refused, naming the flags that differ, not silently reused);
+  - copies a finished run with the same config_key from a sibling dir (table 3's top_k_20 is table 2's
+    top20_student_entropy) instead of rerunning it;
+  - shares between runs what does not change their numbers: the loaded teacher and tokenizer, the
+    teacher's final hidden states per sequence (TeacherMemo, --teacher-memo-gb) and the untrained
+    student's held-out numbers, so the teacher's trunk runs once per sequence for the whole table.
+Finally the table is written with report.py's compare (RUN/table3.md).
+"""
+import copy
+import glob
+import hashlib
+import json
+import os
+import shutil
+
+import common
+import config
+import selection
+
+M = "student_entropy"
+MATRICES = {  # name -> [(run name, flag overrides)]
+    "table2": [("full_kd", dict(k=1.0)), ("random_pos_20", dict(policy="random", k=0.2)),
+               ("atkd", dict(loss="atkd", k=1.0))]
+              + [(f"top20_{m}", dict(pos_metric=m, k=0.2)) for m in selection.METRICS if m != "random"],
+    "table3": [(f"{pol}_20", dict(policy=pol, k=0.2)) for pol in ["top_k", "gls", "curriculum", "pos_rs", "pos_rs_star"]],
+    "table4": [("rs_kd", dict(rs_u=64)),
+               ("top_smp_20", dict(sample_metric=M, sample_frac=0.2)),
+               ("random_smp_20", dict(sample_metric="random", sample_frac=0.2)),
+               ("se_kd_top_smp", dict(k=0.2, sample_metric=M, sample_frac=0.2)),
+               ("se_kd_3x", dict(k=0.2, sample_metric=M, sample_frac=0.2, rs_u=64))],
+    "table5": [("gsm8k_full_kd", dict(task="gsm8k")), ("gsm8k_se_kd", dict(task="gsm8k", k=0.2)),
+               ("gsm8k_on_policy", dict(task="gsm8k", on_policy=True)),
+               ("gsm8k_on_policy_se_kd", dict(task="gsm8k", on_policy=True, k=0.2))],
+    "budget": [(f"k{k}", dict(k=k)) for k in [0.05, 0.1, 0.2, 0.5, 1.0]]
+              + [(f"l{l}", dict(sample_metric=M, sample_frac=l)) for l in [0.1, 0.2, 0.5]],
+}
+assert set(MATRICES) == set(config.MATRICES)
+
+
+# -----------------------------------------------------------------------------
+# what identifies a run's numbers
+
+def config_dict(args):
+    """The flags that change a run's numbers (not where it writes, nor what it is called)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in config.RUN_ONLY}
+
+
+def config_key(args):
+    return hashlib.sha256(json.dumps(config_dict(args), default=str).encode()).hexdigest()[:16]
+
+
+def differing_flags(old_cfg, args):
+    """'--k 1.0 -> 0.2, --lr ...' for the numbers-changing flags that differ between a recorded config and args."""
+    new = json.loads(json.dumps(config_dict(args), default=str))
+    diffs = [f"--{k.replace('_', '-')} {old_cfg.get(k)!r} -> {v!r}" for k, v in new.items()
+             if k in old_cfg and old_cfg.get(k) != v]
+    return ", ".join(diffs) or "the code version (config_key)"
+
+
+def run_state(out_dir):
+    """'done' (summary.json newer than config.json), 'incomplete' (config.json only) or 'empty'."""
+    cfg, summ = (os.path.join(out_dir, f) for f in ("config.json", "summary.json"))
+    if os.path.exists(summ) and (not os.path.exists(cfg) or os.path.getmtime(summ) >= os.path.getmtime(cfg)):
+        return "done"
+    return "incomplete" if os.path.exists(cfg) else "empty"
+
+
+def read_config(out_dir):
+    try:
+        with open(os.path.join(out_dir, "config.json")) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def prepare_out_dir(args, key, log=print):
+    """An out-dir holds one run's consistent files, or is visibly incomplete (config.json, no summary)."""
+    out = args.out_dir
+    os.makedirs(out, exist_ok=True)
+    common.clean_temp_files(out)  # temp files of a write that a kill interrupted
+    ckpt = os.path.join(out, "ckpt.pt")
+    old = read_config(out)
+    if args.resume and os.path.exists(ckpt):
+        if old.get("config_key") not in (None, key):
+            raise common.UserError(f"--resume: {ckpt} is a run of other flags "
+                                   f"({differing_flags(old, args)}); use another --out-dir or --fresh")
+        return
+    if args.resume:
+        log(f"--resume: no checkpoint in {out}, starting fresh")
+    if old and old.get("config_key") != key and not args.fresh:
+        raise common.UserError(f"--out-dir {out} holds a run of other flags ({differing_flags(old, args)}): "
+                               "use another --out-dir, or --fresh to replace it")
+    for name in ("summary.json", "metrics.jsonl", "ckpt.pt", "config.json"):  # stale files of a replaced run
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    shutil.rmtree(os.path.join(out, "model"), ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# sharing between the runs of a matrix
+
+def share(shared, key, make):
+    """What the runs of a matrix share (teacher, tokenizer, memo): made by the first run that needs it."""
+    if key not in shared:
+        shared[key] = make()
+    return shared[key]
+
+
+class TeacherMemo:
+    """The teacher's final hidden states (T, d_t) per token row, kept in RAM up to max_gb.
+
+    Rows are computed one at a time, so a row's states never depend on which rows shared its batch: a
+    resumed or reordered matrix gives the same numbers as an uninterrupted one. Beyond max_gb rows are
+    recomputed (and `full` is set, so a prefill can stop)."""
+
+    def __init__(self, max_gb):
+        self.rows, self.bytes, self.full, self.max_bytes = {}, 0, False, max_gb * 2 ** 30
+
+    def states(self, trunk, x):
+        """trunk: (1, T) -> (1, T, d_t); x (b, T) -> (b, T, d_t) on CPU."""
+        out = []
+        for row in x:
+            key = row.cpu().numpy().tobytes()
+            h = self.rows.get(key)
+            if h is None:
+                h = trunk(row[None])[0].to("cpu")
+                nbytes = h.numel() * h.element_size()
+                self.full = self.bytes + nbytes > self.max_bytes
+                if not self.full:
+                    self.rows[key], self.bytes = h, self.bytes + nbytes
+            out.append(h)
+        return __import__("torch").stack(out)
+
+
+# -----------------------------------------------------------------------------
+# the matrix
+
+def copy_same_run(root, out, name, key):
+    """A finished run under `root` with the same config_key is copied to `out` (renamed), not rerun."""
+    for cfg_path in sorted(glob.glob(os.path.join(root, "*", "seed*", "config.json"))):
+        src = os.path.dirname(cfg_path)
+        if os.path.abspath(src) == os.path.abspath(out) or run_state(src) != "done":
+            continue
+        cfg = read_config(src)
+        if cfg.get("config_key") != key:
+            continue
+        print(f"[matrix] {name}: same config as {src}, copying its results")
+        with open(os.path.join(src, "summary.json")) as f:
+            summary = dict(json.load(f), run_name=name, same_as=src)
+        if os.path.exists(os.path.join(src, "metrics.jsonl")):
+            with open(os.path.join(src, "metrics.jsonl")) as f:
+                common.atomic_write(os.path.join(out, "metrics.jsonl"), f.read())
+        common.atomic_json(os.path.join(out, "config.json"), dict(cfg, run_name=name, out_dir=out, same_as=src))
+        common.atomic_json(os.path.join(out, "summary.json"), summary)  # last: marks the run done
+        return True
+    return False
+
+
+def matrix_runs(args):
+    """[(name, seed, out_dir, finalized args)] of the matrix, in order. args: the parsed flags before
+    finalize (config.parse_args(argv, raw=True)), so each run derives its own defaults (e.g. the
+    selective head is on when the run's k < 1)."""
+    runs = []
+    for name, overrides in MATRICES[args.matrix]:
+        for seed in [int(s) for s in (args.seeds or config.PRESETS[args.preset]["seeds"]).split(",")]:
+            raw = copy.copy(args)
+            for key, val in overrides.items():
+                setattr(raw, key, val)
+            out = os.path.join(args.out_dir, name, f"seed{seed}")
+            raw.seed, raw.out_dir, raw.run_name, raw.resume, raw.fresh, raw.matrix = seed, out, name, True, False, None
+            try:
+                runs.append((name, seed, out, config.finalize(raw)))
+            except ValueError as e:
+                raise common.UserError(f"--matrix {args.matrix}, run {name}: {e}") from None
+    return runs
+
+
+def run_matrix(args, run_one, compare=True):
+    """Run every (config, seed) of args.matrix with run_one(args, shared); skip, copy or refuse as above."""
+    runs = matrix_runs(args)
+    stale = []
+    for name, seed, out, a in runs:  # refuse before training anything: a stale dir is a typo or old flags
+        if run_state(out) != "empty" and read_config(out).get("config_key") not in (None, config_key(a)):
+            stale.append(f"{out}: {differing_flags(read_config(out), a)}")
+    if stale and not args.fresh:
+        raise common.UserError(f"--out-dir {args.out_dir} holds runs of other flags ({stale[0]}"
+                               f"{f'; and {len(stale) - 1} more' if len(stale) > 1 else ''}): "
+                               "use a new --out-dir, or --fresh to rerun them")
+    shared = {"matrix": True}
+    for name, seed, out, a in runs:
+        if run_state(out) == "done" and read_config(out).get("config_key") == config_key(a):
+            print(f"[matrix] {name} seed {seed}: done, skipping")
+            continue
+        if args.fresh and run_state(out) != "empty":
+            shutil.rmtree(out)
+        if copy_same_run(args.out_dir, out, name, config_key(a)):
+            continue
+        print(f"[matrix] {name} seed {seed} -> {out}", flush=True)
+        run_one(a, shared)
+    if compare:
+        import report
+        dirs = [out for _, _, out, _ in runs]
+        report.main(["--compare", *dirs, "--compare-out", os.path.join(args.out_dir, f"{args.matrix}.md")])
