@@ -115,8 +115,10 @@ def clean_temp_files(directory):
 def read_json(path):
     """json.load with a one-line error naming the file when it is truncated or corrupt."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): the file is corrupt or "
                         "truncated; delete it to have it rebuilt") from None

@@ -90,7 +90,7 @@ import tempfile
 import torch
 from tqdm import tqdm
 
-from common import UserError, atomic_json, atomic_write
+from common import UserError, atomic_json, atomic_write, read_json
 from models import expected_calibration_error, head_weight, heldout_metrics, load_model, trunk
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
@@ -102,16 +102,6 @@ GSM8K_SHOT_POOL = 8  # the first rows of GSM8K train: shots only, never a valida
 
 def write_jsonl(path, rows):
     atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def read_jsonl(path):

@@ -44,20 +44,10 @@ import os
 import statistics
 import sys
 
-from common import UserError, atomic_write
+from common import UserError, atomic_write, read_json
 
 # -----------------------------------------------------------------------------
 # reading runs
-
-
-def read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def eval_file(run_dir, split="test"):
