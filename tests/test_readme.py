@@ -15,7 +15,7 @@ README = open(os.path.join(ROOT, "README.md")).read()
 def _commands():
     """`python X.py ...` command lines from the README's code blocks and inline code."""
     text = README.replace("\\\n", " ")  # join continued lines
-    return [c.strip() for c in re.findall(r"python ((?:train|eval|cache)\.py[^\n`&|#]*)", text)]
+    return [c.strip() for c in re.findall(r"python ((?:train|eval|cache|report)\.py[^\n`&|#]*)", text)]
 
 
 def _help(script, *sub):
@@ -84,3 +84,22 @@ def test_results_page_links_exist():
     for target in re.findall(r"\]\(([^)#]+)\)", text):
         if not target.startswith("http"):
             assert os.path.exists(os.path.join(ROOT, "docs", target)), f"dead link in docs/results.md: {target}"
+
+
+def test_every_documented_torchrun_line_parses():
+    """torchrun's own parser sees the script's flags too (it rejected the old `--l` as an ambiguous
+    abbreviation of --log-dir etc.): each documented line must pass it, then train.py's parser."""
+    from torch.distributed.run import get_args_parser
+
+    import config
+    docs = README + "".join(open(os.path.join(ROOT, "docs", f)).read() for f in os.listdir(os.path.join(ROOT, "docs"))
+                            if f.endswith((".md", ".sh")))
+    lines = [l.strip(" `") for l in docs.replace("\\\n", " ").splitlines() if l.strip(" `").startswith("torchrun ")]
+    assert lines, "README documents a torchrun command"
+    for line in lines:
+        words = line.split()[1:]
+        ns = get_args_parser().parse_args(words)  # SystemExit on an ambiguous option
+        assert ns.training_script == "train.py"
+        config.parse_args(ns.training_script_args)
+    with pytest.raises(SystemExit):  # the old spelling fails in torchrun's parser, as reported
+        get_args_parser().parse_args(["--nproc_per_node=2", "train.py", "--l", "0.2"])
