@@ -30,25 +30,34 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(dtype=torch.float32, n=2048, reps=5, device="cpu"):
-    """The machine's matmul throughput: GFLOP/s of an n x n x n GEMM (2 n^3 FLOPs), best of `reps`
-    after one warm-up, in `dtype`. Returns None where the dtype's GEMM does not run on `device`."""
+def matmul_peak(dtype=torch.float32, n=2048, reps=5, device="cpu", max_rep_s=2.0):
+    """The machine's matmul throughput: (GFLOP/s, n) of an n x n x n GEMM (2 n^3 FLOPs) in `dtype`,
+    best of `reps` after a warm-up. n shrinks (halving, down to 512) while one GEMM would take more
+    than max_rep_s, so a dtype without fast kernels here (bf16 on a CPU without AVX512-BF16/AMX)
+    costs seconds, not minutes. (None, n) where the dtype's GEMM does not run on `device`."""
     import time
-    g = torch.Generator(device=device).manual_seed(0)
-    try:
-        a = torch.randn(n, n, generator=g, device=device).to(dtype)
-        b = torch.randn(n, n, generator=g, device=device).to(dtype)
-        a @ b
-    except RuntimeError:
-        return None
-    best = float("inf")
-    for _ in range(reps):
+
+    def once(m, a, b):
         sync(device)
         t0 = time.perf_counter()
         a @ b
         sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
+        return time.perf_counter() - t0
+
+    g = torch.Generator(device=device).manual_seed(0)
+    try:
+        m = 512  # a 256 probe mis-predicts under load (small GEMMs are slower per FLOP)
+        a, b = (torch.randn(m, m, generator=g, device=device).to(dtype) for _ in range(2))
+        a @ b
+        t = once(m, a, b)
+    except RuntimeError:
+        return None, n
+    while n > m and t * (n / m) ** 3 > max_rep_s:
+        n //= 2
+    a, b = (torch.randn(n, n, generator=g, device=device).to(dtype) for _ in range(2))
+    a @ b
+    best = min(once(n, a, b) for _ in range(reps))
+    return 2 * n ** 3 / best / 1e9, n
 
 
 def median_minmax(xs):
