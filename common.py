@@ -128,7 +128,8 @@ def git_hash():
     """The commit of this checkout (recorded in config.json), or 'unknown'."""
     import subprocess
     try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                       stderr=subprocess.DEVNULL, text=True).strip()
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=here, stderr=subprocess.DEVNULL,
+                                       text=True).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

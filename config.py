@@ -151,7 +151,8 @@ def check(args):
     seeds = [] if args.seeds is None else args.seeds.split(",")
     checks = [
         (args.seq_len >= 2, f"--seq-len must be >= 2, got {args.seq_len}"),
-        (args.tokens >= args.seq_len, f"--tokens {args.tokens:g} is smaller than one sequence (--seq-len {args.seq_len})"),
+        (args.tokens >= args.seq_len,
+         f"--tokens {args.tokens:g} is smaller than one sequence (--seq-len {args.seq_len})"),
         (args.eval_tokens >= args.seq_len, f"--eval-tokens {args.eval_tokens:g} is smaller than one sequence"),
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.grad_accum >= 1, f"--grad-accum must be >= 1, got {args.grad_accum}"),
@@ -176,7 +177,8 @@ def check(args):
          "--sample-frac < 1 needs --sample-metric (which samples to keep?)"),
         (not (args.on_policy and (args.rs_u or args.cache_dir)),
          "--on-policy cannot use --rs-u/--cache-dir: a cache cannot cover student-generated text"),
-        (not (args.on_policy and args.sample_metric != "none"), "--on-policy with --sample-metric is not supported"),
+        (not (args.on_policy and args.sample_metric != "none"),
+         "--on-policy with --sample-metric is not supported"),
         (not args.on_policy or 1 <= args.gen_prompt_len < args.seq_len,
          f"--gen-prompt-len must be in [1, --seq-len {args.seq_len}), got {args.gen_prompt_len}"),
         (not args.on_policy or args.gen_tokens >= 1, f"--gen-tokens must be >= 1, got {args.gen_tokens}"),

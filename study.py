@@ -31,7 +31,8 @@ MATRICES = {  # name -> [(run name, flag overrides)]
     "table2": [("full_kd", dict(k=1.0)), ("random_pos_20", dict(policy="random", k=0.2)),
                ("atkd", dict(loss="atkd", k=1.0))]
               + [(f"top20_{m}", dict(pos_metric=m, k=0.2)) for m in selection.METRICS if m != "random"],
-    "table3": [(f"{pol}_20", dict(policy=pol, k=0.2)) for pol in ["top_k", "gls", "curriculum", "pos_rs", "pos_rs_star"]],
+    "table3": [(f"{pol}_20", dict(policy=pol, k=0.2))
+               for pol in ["top_k", "gls", "curriculum", "pos_rs", "pos_rs_star"]],
     "table4": [("rs_kd", dict(rs_u=64)),
                ("top_smp_20", dict(sample_metric=M, sample_frac=0.2)),
                ("random_smp_20", dict(sample_metric="random", sample_frac=0.2)),
@@ -176,7 +177,8 @@ def matrix_runs(args):
             for key, val in overrides.items():
                 setattr(raw, key, val)
             out = os.path.join(args.out_dir, name, f"seed{seed}")
-            raw.seed, raw.out_dir, raw.run_name, raw.resume, raw.fresh, raw.matrix = seed, out, name, True, False, None
+            raw.seed, raw.out_dir, raw.run_name, raw.matrix = seed, out, name, None
+            raw.resume, raw.fresh = True, False  # a killed run resumes; --fresh is handled above, per dir
             try:
                 runs.append((name, seed, out, config.finalize(raw)))
             except ValueError as e:

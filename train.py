@@ -444,7 +444,8 @@ def prepare_training(r):
         r.log(f"before: student {args.eval_split} loss {r.before['loss']:.4f} kl {kl:.4f}")
     if r.master:
         common.atomic_json(os.path.join(args.out_dir, "config.json"), dict(
-            vars(args), config_key=r.config_key, git_hash=common.git_hash(), student_layers_kept=r.keep, world_size=r.world,
+            vars(args), config_key=r.config_key, git_hash=common.git_hash(), student_layers_kept=r.keep,
+            world_size=r.world,
             global_batch_seqs=r.global_batch, devices=dict(teacher=r.t_dev, student=r.s_dev),
             precision="bf16 autocast, fp32 master weights" if r.bf16 else "fp32"))
     r.log(f"run: {args.teacher} -> {args.student or f'its layers {args.student_layers}'} | "
