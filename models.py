@@ -246,6 +246,28 @@ def pick_devices(teacher_device=None, student_device=None):
     return teacher_device or default_t, student_device or default_s
 
 
+def run_devices(teacher_device=None, student_device=None):
+    """(ddp, rank, world, teacher device, student device) of this process.
+
+    One process: pick_devices (teacher cuda:0, student cuda:1 with two GPUs). Under torchrun (WORLD_SIZE >
+    1) the student trains data parallel: every rank holds a teacher and a student on cuda:LOCAL_RANK (cpu
+    without GPUs; gloo then, NCCL on GPUs), and the device flags are refused."""
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return (False, 0, 1) + pick_devices(teacher_device, student_device)
+    if teacher_device or student_device:
+        raise UserError("--teacher-device/--student-device: under torchrun each rank puts both models on "
+                        "cuda:LOCAL_RANK (cpu without GPUs); drop the flags")
+    dev = "cpu"
+    if torch.cuda.is_available():
+        dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True, int(os.environ["RANK"]), world, dev, dev
+
+
 def _is_cuda(device):
     return torch.device(device).type == "cuda" and torch.cuda.is_available()
 

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 
 import common
 import config
@@ -140,6 +141,15 @@ class TeacherMemo:
                     self.rows[key], self.bytes = h, self.bytes + nbytes
             out.append(h)
         return __import__("torch").stack(out)
+
+    def fill(self, packs, states, batch_size):
+        """Run states(rows) over every row of each data.Packed in turn, until full; returns the seconds."""
+        t0 = time.time()
+        for packed in packs:
+            for i in range(0, len(packed), batch_size):
+                if not self.full:
+                    states(packed.input_ids[i:i + batch_size])
+        return time.time() - t0
 
 
 # -----------------------------------------------------------------------------

@@ -12,7 +12,6 @@ A step: student trunk -> score positions (chunked, no (B, T, V) logits) -> pick 
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from types import SimpleNamespace
@@ -34,20 +33,7 @@ import study
 
 
 def setup(args, shared):
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    if ddp:  # torchrun: every rank holds a teacher and a student on its own device (data parallel)
-        if args.teacher_device or args.student_device:
-            raise common.UserError("--teacher-device/--student-device: under torchrun each rank puts both "
-                                   "models on cuda:LOCAL_RANK (cpu without GPUs); drop the flags")
-        t_dev = s_dev = "cpu"
-        if torch.cuda.is_available():
-            t_dev = s_dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(t_dev)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    else:  # one process: teacher cuda:0, student cuda:1 with two GPUs (the paper's layout)
-        t_dev, s_dev = models.pick_devices(args.teacher_device, args.student_device)
+    ddp, rank, world, t_dev, s_dev = models.run_devices(args.teacher_device, args.student_device)
     # bf16: the teacher's weights in bf16; the student keeps fp32 master weights and runs under bf16
     # autocast, so small updates (lr 1e-5) are not rounded away as they would be in bf16 weights
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and torch.device(s_dev).type == "cuda")
@@ -196,6 +182,59 @@ def open_teacher_cache(r):
                                                        args.entropy_chunk))
     r.teacher_cached = common.read_json(ref) if os.path.exists(ref) else {}
     r.timing["cache_s"] = time.time() - t0
+
+
+# -----------------------------------------------------------------------------
+# optimizer, schedule, resume, the untrained student's numbers
+
+def prepare_training(r):
+    """Optimizer, schedule, resume, the untrained student's held-out numbers, config.json."""
+    args = r.args
+    r.dense_teacher = r.tcache is None and (args.lam > 0 or selection.needs_teacher(args.pos_metric))
+    r.Wt = models.head_weight(get_teacher(r), r.V).to(r.s_dev) if r.dense_teacher else None  # moved once
+    r.policy = losses.policy_for(args.loss, args.policy)  # Weighted KD brings its own weights
+    r.opt = make_optimizer(r)
+    r.global_batch = args.batch_size * args.grad_accum * r.world  # sequences per optimizer step, all ranks
+    if len(r.train) < r.global_batch:
+        raise common.UserError(f"--tokens: {len(r.train)} training sequences < one step's {r.global_batch} "
+                               "(--batch-size x --grad-accum x processes)")
+    r.steps_per_epoch = len(r.train) // r.global_batch
+    r.max_steps = args.max_steps or max(1, int(args.epochs * r.steps_per_epoch))
+    r.curriculum_steps = args.curriculum_steps or r.max_steps
+    r.ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    r.step, r.hist, r.before, r.gls, r.tokens_seen, r.sel_sum, r.valid_sum = \
+        0, [], None, selection.GLSQueue(args.gls_queue), 0, 0, 0
+    if args.resume and os.path.exists(r.ckpt_path):
+        ck = torch.load(r.ckpt_path, map_location="cpu", weights_only=False)
+        r.student.load_state_dict(ck["student"])
+        r.opt.load_state_dict(ck["opt"])
+        for k in RESUMED:
+            setattr(r, k, ck[k])
+        r.log(f"resumed from {r.ckpt_path} at step {r.step}")
+    if r.shared.get("matrix") and args.teacher_memo_gb > 0 and r.dense_teacher and not args.on_policy:
+        # the memo runs the teacher once per sequence for the whole matrix: fill it now, outside this
+        # run's wall time (like an offline cache's build); held-out rows first, every evaluation reads them
+        r.timing["teacher_memo_s"] = r.memo.fill([r.held, r.train], lambda x: teacher_states(r, x, True),
+                                                 args.batch_size)
+        r.t_start += r.timing["teacher_memo_s"]
+    key = ("before", r.config_key if args.student else (args.teacher, args.student_layers), r.held.fingerprint,
+           args.eval_split, str(r.t_dtype), args.entropy_chunk, args.batch_size,
+           (args.cache_dir, args.rs_u, args.temperature, args.seed) if r.held_cache is not None else None)
+    if r.before is None:  # the untrained student on the held-out split: the same for every run of a matrix
+        r.before = dict(study.share(r.shared, key, lambda: heldout(r)))
+        kl = r.before.get("kl_to_teacher", r.before.get("kl_rs_estimate", float("nan")))
+        r.log(f"before: student {args.eval_split} loss {r.before['loss']:.4f} kl {kl:.4f}")
+    if r.master:
+        common.atomic_json(os.path.join(args.out_dir, "config.json"), dict(
+            vars(args), config_key=r.config_key, git_hash=common.git_hash(), student_layers_kept=r.keep,
+            world_size=r.world, global_batch_seqs=r.global_batch, devices=dict(teacher=r.t_dev, student=r.s_dev),
+            precision="bf16 autocast, fp32 master weights" if r.bf16 else "fp32"))
+    r.log(f"run: {args.teacher} -> {args.student or f'its layers {args.student_layers}'} | "
+          f"{len(r.train)} train / {len(r.held)} {args.eval_split} seqs of {args.seq_len} | k {args.k} "
+          f"{args.policy} {args.pos_metric} | U {args.rs_u or '-'} | {args.loss} | "
+          f"{'bf16 autocast (fp32 master)' if r.bf16 else 'fp32'} | teacher {r.t_dev}, student {r.s_dev} | "
+          f"global batch {args.batch_size} x {args.grad_accum} x {r.world} processes = {r.global_batch} seqs | "
+          f"{r.max_steps} steps")
 
 
 # -----------------------------------------------------------------------------
@@ -402,59 +441,6 @@ def finish(r):
 
 # -----------------------------------------------------------------------------
 # one run, start to end; main() also hands a --matrix to study.py
-
-def prepare_training(r):
-    """Optimizer, schedule, resume, the untrained student's held-out numbers, config.json."""
-    args = r.args
-    r.dense_teacher = r.tcache is None and (args.lam > 0 or selection.needs_teacher(args.pos_metric))
-    r.Wt = models.head_weight(get_teacher(r), r.V).to(r.s_dev) if r.dense_teacher else None  # moved once
-    r.policy = losses.policy_for(args.loss, args.policy)  # Weighted KD brings its own weights
-    r.opt = make_optimizer(r)
-    r.global_batch = args.batch_size * args.grad_accum * r.world  # sequences per optimizer step, all ranks
-    if len(r.train) < r.global_batch:
-        raise common.UserError(f"--tokens: {len(r.train)} training sequences < one step's {r.global_batch} "
-                               "(--batch-size x --grad-accum x processes)")
-    r.steps_per_epoch = len(r.train) // r.global_batch
-    r.max_steps = args.max_steps or max(1, int(args.epochs * r.steps_per_epoch))
-    r.curriculum_steps = args.curriculum_steps or r.max_steps
-    r.ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    r.step, r.hist, r.before, r.gls, r.tokens_seen, r.sel_sum, r.valid_sum = \
-        0, [], None, selection.GLSQueue(args.gls_queue), 0, 0, 0
-    if args.resume and os.path.exists(r.ckpt_path):
-        ck = torch.load(r.ckpt_path, map_location="cpu", weights_only=False)
-        r.student.load_state_dict(ck["student"])
-        r.opt.load_state_dict(ck["opt"])
-        for k in RESUMED:
-            setattr(r, k, ck[k])
-        r.log(f"resumed from {r.ckpt_path} at step {r.step}")
-    if r.shared.get("matrix") and args.teacher_memo_gb > 0 and r.dense_teacher and not args.on_policy:
-        t0 = time.time()  # the memo runs the teacher once per sequence for the whole matrix: fill it now,
-        for packed in (r.held, r.train):  # outside this run's wall time (like an offline cache's build)
-            for i in range(0, len(packed), args.batch_size):
-                if not r.memo.full:
-                    teacher_states(r, packed.input_ids[i:i + args.batch_size], True)
-        r.timing["teacher_memo_s"] = time.time() - t0
-        r.t_start += r.timing["teacher_memo_s"]
-    key = ("before", r.config_key if args.student else (args.teacher, args.student_layers), r.held.fingerprint,
-           args.eval_split, str(r.t_dtype), args.entropy_chunk, args.batch_size,
-           (args.cache_dir, args.rs_u, args.temperature, args.seed) if r.held_cache is not None else None)
-    if r.before is None:  # the untrained student on the held-out split: the same for every run of a matrix
-        r.before = dict(study.share(r.shared, key, lambda: heldout(r)))
-        kl = r.before.get("kl_to_teacher", r.before.get("kl_rs_estimate", float("nan")))
-        r.log(f"before: student {args.eval_split} loss {r.before['loss']:.4f} kl {kl:.4f}")
-    if r.master:
-        common.atomic_json(os.path.join(args.out_dir, "config.json"), dict(
-            vars(args), config_key=r.config_key, git_hash=common.git_hash(), student_layers_kept=r.keep,
-            world_size=r.world,
-            global_batch_seqs=r.global_batch, devices=dict(teacher=r.t_dev, student=r.s_dev),
-            precision="bf16 autocast, fp32 master weights" if r.bf16 else "fp32"))
-    r.log(f"run: {args.teacher} -> {args.student or f'its layers {args.student_layers}'} | "
-          f"{len(r.train)} train / {len(r.held)} {args.eval_split} seqs of {args.seq_len} | k {args.k} "
-          f"{args.policy} {args.pos_metric} | U {args.rs_u or '-'} | {args.loss} | "
-          f"{'bf16 autocast (fp32 master)' if r.bf16 else 'fp32'} | teacher {r.t_dev}, student {r.s_dev} | "
-          f"global batch {args.batch_size} x {args.grad_accum} x {r.world} processes = {r.global_batch} seqs | "
-          f"{r.max_steps} steps")
-
 
 def run(args, shared=None):
     """One run: setup, models, data, (sample selection), (teacher cache), train, evaluate, save.
