@@ -87,12 +87,14 @@ def log_probs(logits, temperature=1.0):
     return torch.log_softmax(z, dim=-1)
 
 
-def _kl_from_log_probs(lp, lq):
-    """KL(p || q) over the last dim from log-probs; classes with p = 0 contribute exactly 0.
+def kl_from_log_probs(student_log_probs, teacher_log_probs):
+    """Forward KL(p || q) over the last dim from log-probs (q the student's, p the teacher's); classes with
+    p = 0 contribute exactly 0. kl_per_position's core, for callers that already hold both log-probs.
 
     Both log-probs are replaced by 0 where p = 0 *before* subtracting, so -inf - (-inf) never
     happens, neither in the value nor in the gradient.
     """
+    lq, lp = student_log_probs, teacher_log_probs
     p = lp.exp()
     keep = p > 0
     return (p * (torch.where(keep, lp, 0.0) - torch.where(keep, lq, 0.0))).sum(-1)
@@ -150,7 +152,7 @@ def kl_per_position(student_logits, teacher_logits, targets=None, temperature=1.
     tau^2. Classes with p = 0 contribute exactly 0. targets are unused.
     """
     lp, lq = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
-    return _kl_from_log_probs(lp, lq) * temperature ** 2
+    return kl_from_log_probs(lq, lp) * temperature ** 2
 
 
 def reverse_kl_per_position(student_logits, teacher_logits, targets=None, temperature=1.0):
@@ -159,7 +161,7 @@ def reverse_kl_per_position(student_logits, teacher_logits, targets=None, temper
     The mode-seeking objective used for on-policy distillation (e.g. GKD, MiniLLM).
     """
     lp, lq = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
-    return _kl_from_log_probs(lq, lp) * temperature ** 2
+    return kl_from_log_probs(lp, lq) * temperature ** 2  # KL(q || p)
 
 
 def weighted_kd(student_logits, teacher_logits, targets=None, temperature=1.0):
@@ -203,12 +205,12 @@ def dkd_terms(student_logits, teacher_logits, targets, temperature=1.0):
     lq_rest = lq.masked_fill(is_y, float("-inf"))
     lp_not, lq_not = _logsumexp(lp_rest), _logsumexp(lq_rest)  # log(1 - p(y)), log(1 - q(y))
     # binary KL; each of its two terms is 0 where the teacher's binary prob is 0
-    tckd = _kl_from_log_probs(torch.stack([lp_y, lp_not], -1), torch.stack([lq_y, lq_not], -1))
+    tckd = kl_from_log_probs(torch.stack([lq_y, lq_not], -1), torch.stack([lp_y, lp_not], -1))
     # renormalised non-target distributions; guard rows where 1 - p(y) = 0 (all mass on y)
     has_rest = torch.isfinite(lp_not)
     lp_hat = lp_rest - torch.where(has_rest, lp_not, 0.0).unsqueeze(-1)
     lq_hat = lq_rest - torch.where(has_rest, lq_not, 0.0).unsqueeze(-1)
-    nckd = torch.where(has_rest, _kl_from_log_probs(lp_hat, lq_hat), 0.0)
+    nckd = torch.where(has_rest, kl_from_log_probs(lq_hat, lp_hat), 0.0)
     return tckd * temperature ** 2, nckd * temperature ** 2
 
 

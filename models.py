@@ -386,7 +386,7 @@ def heldout_metrics(student, batches, teacher=None, vocab_size=None, chunk_size=
             if teacher is not None:
                 zt = (ht[i:i + chunk_size] @ Wt.T).float().to(device)  # (n, V) teacher logits
                 lt = losses.log_probs(zt)
-                tot["kl"] += float(losses.kl_per_position(zs, zt).sum())  # forward KL(p_teacher || q_student)
+                tot["kl"] += float(losses.kl_from_log_probs(ls, lt).sum())  # forward KL(p_teacher || q_student)
                 tot["agree"] += float((lt.argmax(-1) == pred).sum())
                 tot["tce"] += float(-lt.gather(1, yc[:, None]).sum())
                 tconf, tpred = lt.exp().max(-1)

@@ -192,14 +192,16 @@ def test_heldout_metrics_use_the_one_kl(tiny_tok, monkeypatch):
     x = torch.randint(2, len(tiny_tok), (2, 6))
     valid = torch.ones(2, 6, dtype=torch.bool)
     calls = []
-    kl = losses.kl_per_position
+    kl = losses.kl_from_log_probs
     spy = lambda s, t, *a, **k: calls.append((s, t)) or kl(s, t, *a, **k)  # noqa: E731
-    monkeypatch.setattr(losses, "kl_per_position", spy)
-    models.heldout_metrics(st, [(x, x, valid)], te, len(tiny_tok))
+    monkeypatch.setattr(losses, "kl_from_log_probs", spy)
+    out = models.heldout_metrics(st, [(x, x, valid)], te, len(tiny_tok))
     assert len(calls) == 1
-    with torch.no_grad():  # student logits first, teacher second (the contract's argument order)
-        assert torch.allclose(calls[0][0], st(x).logits[valid].float(), atol=1e-5)
-        assert torch.allclose(calls[0][1], te(x).logits[valid].float(), atol=1e-5)
+    with torch.no_grad():  # student log-probs first, teacher second (the contract's argument order)
+        zs, zt = st(x).logits[valid].float(), te(x).logits[valid].float()
+        assert torch.allclose(calls[0][0], torch.log_softmax(zs, -1), atol=1e-5)
+        assert torch.allclose(calls[0][1], torch.log_softmax(zt, -1), atol=1e-5)
+        assert out["kl_to_teacher"] == pytest.approx(float(losses.kl_per_position(zs, zt).mean()), rel=1e-5)
 
 
 def test_hub_id_unreachable_is_fast_and_names_the_fix(monkeypatch):
