@@ -445,9 +445,10 @@ class _FusedHead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         gh, gW = ctx.saved_tensors
-        gh = None if gh is None else gh * grad_out.to(gh.dtype)
-        gW = None if gW is None else (gW * grad_out).to(ctx.w_dtype)
-        return gh, gW, None, None
+        if bool(grad_out != 1):  # a loss scaled before backward (e.g. / grad_accum); 1 needs no copy
+            gh = None if gh is None else gh * grad_out.to(gh.dtype)
+            gW = None if gW is None else gW * grad_out
+        return gh, None if gW is None else gW.to(ctx.w_dtype), None, None  # .to: a no-op for fp32 heads
 
 
 def _run_chunks(h, W, chunk_loss, chunk_size, need_h=False, need_W=False):

@@ -315,6 +315,17 @@ def test_head_loss_value_and_grad_parity(loss, T, lam):
     assert g_W.abs().max() > 1e-3
 
 
+def test_head_loss_backward_scales_with_the_incoming_gradient():
+    # train.py backpropagates loss / grad_accum: the fused head must scale its stored grads (and keep them
+    # when the incoming gradient is exactly 1, its copy-free fast path)
+    h, W, ht, Wt, y, w = _rows()
+    one = torch.autograd.grad(L.head_loss(h, W, y, w, L.DenseTeacher(ht, Wt), chunk_size=5), [h, W])
+    third = torch.autograd.grad(L.head_loss(h, W, y, w, L.DenseTeacher(ht, Wt), chunk_size=5) / 3, [h, W])
+    for a, b in zip(one, third):
+        torch.testing.assert_close(b, a / 3)
+        assert a.abs().max() > 1e-3
+
+
 def test_head_loss_atkd_equals_atkd_loss_with_uniform_weights():
     h, W, ht, Wt, y, _ = _rows(N=10)
     w = torch.full((10,), 0.1)  # sum 1 -> same scale as atkd_loss
