@@ -133,3 +133,13 @@ def git_hash():
                                        text=True).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def run_cli(main, prog):
+    """Run a CLI's main(): a UserError becomes one line on stderr and exit status 2, never a traceback."""
+    import sys
+    try:
+        return main()
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)

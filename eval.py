@@ -90,7 +90,7 @@ import tempfile
 import torch
 from tqdm import tqdm
 
-from common import UserError, atomic_json, atomic_write, read_json
+from common import UserError, run_cli, atomic_json, atomic_write, read_json
 from models import expected_calibration_error, head_weight, heldout_metrics, load_model, trunk
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
@@ -761,12 +761,12 @@ def main(argv=None):
         results = evaluate_lm_eval(model_path, tasks, args.limit, args.batch_size, student_device, dtype_name,
                                    args.gsm8k_shots)
     else:
-        model, tok = load_model(model_path, student_device, dtype)
+        model, tok = load_model(model_path, student_device, dtype, flag="eval.py target")
         teacher = None
         if "lm" in tasks:
             spec = args.teacher or cfg.get("teacher")
             if spec and spec != "none":
-                teacher, _ = load_model(spec, args.teacher_device or student_device, dtype)
+                teacher, _ = load_model(spec, args.teacher_device or student_device, dtype, flag="--teacher")
         import report  # the run's data flags, read the same way the figures read them
         results = evaluate(model, tok, tasks, args.split, args.data_dir, args.limit, args.batch_size,
                            args.max_new_tokens, args.chat_template, out_dir, args.ifeval_inputs, teacher,
@@ -848,8 +848,4 @@ HARNESS = {  # our task -> (harness task, {our metric: harness metric})
 }
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"eval.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, "eval.py")

@@ -44,7 +44,7 @@ import os
 import statistics
 import sys
 
-from common import UserError, atomic_write, read_json
+from common import UserError, run_cli, atomic_write, read_json
 
 # -----------------------------------------------------------------------------
 # reading runs
@@ -422,7 +422,7 @@ def plot_entropy_run(run_dir, path, n_tokens=128, device="cpu", split="validatio
     import data
     from models import load_model
     cfg = read_json(os.path.join(run_dir, "config.json"))
-    model, tok = load_model(os.path.join(run_dir, "model"), device, torch.float32)
+    model, tok = load_model(os.path.join(run_dir, "model"), device, torch.float32, flag="run")
     packed = data.load_splits(tok, **data_kwargs(cfg))["val" if split == "validation" else "test"]
     if len(packed.input_ids) == 0:
         raise UserError(f"{run_dir}: the held-out split is empty")
@@ -528,8 +528,4 @@ def _eval_metric(name, row):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"report.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, "report.py")
