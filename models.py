@@ -123,7 +123,15 @@ def load_model(spec, device="cpu", dtype=torch.float32, flag="--teacher"):
     path, gguf, local = _resolve(spec, flag)
     kw = {"gguf_file": gguf} if gguf else {}
     tok = load_tokenizer(spec, flag)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local, **kw)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local, **kw)
+    except UserError:
+        raise
+    except Exception as e:  # a truncated or corrupt weights file: name it, not the loader's internals
+        if not os.path.isdir(path) or "safetensors" not in type(e).__module__ + str(e).lower():
+            raise
+        raise UserError(f"{flag} {spec}: cannot read its weights ({str(e).splitlines()[0][:120]}): the file "
+                        "is corrupt or truncated; delete the folder to have it rebuilt, or save it again") from None
     if gguf:  # transformers dequantized the GGUF into dense weights: drop the quantizer, so the
         model.hf_quantizer = None  # model (and students made from it) can be saved and fine-tuned
         if hasattr(model.config, "quantization_config"):

@@ -251,3 +251,15 @@ def test_nothing_to_train_is_caught_before_training(tiny_dir, tmp_path, capsys):
         train.main(train_args(tiny_dir, tmp_path / "out", "--data", str(f)))
     assert e.value.code == 2 and "--data" in capsys.readouterr().err
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_corrupt_weights_are_one_line_naming_the_model(tiny_dir, tmp_path, capsys):
+    import shutil
+    bad = tmp_path / "student"
+    shutil.copytree(tiny_dir / "teacher", bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:1000])  # a truncated download
+    with pytest.raises(SystemExit) as e:
+        train.main(train_args(tiny_dir, tmp_path / "out", "--student", str(bad)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and f"--student {bad}" in err[-1] and "corrupt" in err[-1]
