@@ -166,12 +166,13 @@ def open_teacher_cache(r):
     if not args.cache_dir:
         return
     r.log(f"teacher cache {args.cache_dir}: RS-KD with U = {args.rs_u} sampled classes per position")
+    # (b, T) -> (b, T, V) teacher logits on the teacher's device, where the cache samples; the teacher
+    # loads only if a cache is missing
+    logits = lambda x: teacher_states(r, x).to(r.t_dev) @ models.head_weight(get_teacher(r), r.V).T  # noqa: E731
     for split, packed in (("train", r.train), (args.eval_split, r.held)):
         d = os.path.join(args.cache_dir, f"{split}-{packed.fingerprint}-seed{args.seed}")  # draws depend on seed
         meta = dict(teacher=args.teacher, vocab_size=r.V, seq_len=args.seq_len, dtype=str(r.t_dtype),
                     tokenizer_fingerprint=models.tokenizer_fingerprint(r.tok), data_fingerprint=packed.fingerprint)
-        Wt = lambda: models.head_weight(get_teacher(r), r.V)  # noqa: E731
-        logits = lambda x: teacher_states(r, x).to(r.t_dev) @ Wt().T  # noqa: E731  (b, T, V) on the teacher
         c = cache.open_or_build(d, logits, packed, meta, args.rs_u, args.temperature, args.seed,
                                 args.cache_shard_size, r.rank, r.world, dist.barrier if r.ddp else None,
                                 r.master, r.log)
