@@ -263,3 +263,14 @@ def test_corrupt_weights_are_one_line_naming_the_model(tiny_dir, tmp_path, capsy
         train.main(train_args(tiny_dir, tmp_path / "out", "--student", str(bad)))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and f"--student {bad}" in err[-1] and "corrupt" in err[-1]
+
+
+def test_paper_preset_seeds(tiny_dir, tmp_path):
+    args = config.parse_args(["--preset", "paper", "--matrix", "table3"], raw=True)
+    assert study.seeds_of(args) == "1337,1338,1339"
+    args = config.parse_args(["--preset", "paper", "--matrix", "table5"], raw=True)
+    assert study.seeds_of(args) == "1340,1341,1342"  # the paper's GSM8K seeds
+    args = config.parse_args(["--preset", "paper", "--matrix", "table5", "--seeds", "7"], raw=True)
+    assert study.seeds_of(args) == "7"
+    paper = config.parse_args(["--preset", "paper"])
+    assert (paper.optim, paper.schedule, paper.curriculum_steps, paper.lr) == ("adam8bit", "constant", 4000, 1e-5)
