@@ -416,7 +416,8 @@ def heldout_metrics_sparse(student, batches, teacher_cache, sample_ids, vocab_si
                            device=None):
     """heldout_metrics against an offline RS-KD cache instead of a live teacher.
 
-    kl_to_teacher here is the RS-KD estimate sum_v p~(v) (log p~(v) - log q(v)) with p~ the cached
+    kl_rs_estimate (named apart from heldout_metrics' true kl_to_teacher, so no table mixes the two) is
+    the RS-KD estimate sum_v p~(v) (log p~(v) - log q(v)) with p~ the cached
     sampled target: it exceeds the true KL(p || q) by H(p) - E[H(p~)] >= 0, a constant of the cache
     (the same for every student), so it ranks students like the true KL but is not equal to it.
     top1_agree compares with the most-sampled cached class.
@@ -444,7 +445,7 @@ def heldout_metrics_sparse(student, batches, teacher_cache, sample_ids, vocab_si
             tot["agree"] += float((ic.gather(1, pc.argmax(1, keepdim=True))[:, 0] == pred).sum())
         tot["n"] += int(hs.shape[0])
     n = max(tot["n"], 1)
-    out = {"loss": tot["ce"] / n, "tokens": tot["n"], "kl_to_teacher": tot["kl"] / n, "top1_agree": tot["agree"] / n,
+    out = {"loss": tot["ce"] / n, "tokens": tot["n"], "kl_rs_estimate": tot["kl"] / n, "top1_agree": tot["agree"] / n,
            "kl_estimator": "rs_kd_sampled_target"}
     out["ppl"] = math.exp(min(out["loss"], 50.0))
     out["ece"] = expected_calibration_error(torch.cat(confs), torch.cat(corrs)) if confs else 0.0

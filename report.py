@@ -102,7 +102,7 @@ def kl_columns(metrics, summary=None):
         out["kl_rs_estimate"] = summary["val_kl_rs_estimate"]
     else:
         out["kl_true"] = None if estimated else metrics.get("kl_to_teacher")
-        out["kl_rs_estimate"] = metrics.get("kl_to_teacher") if estimated else metrics.get("kl_rs_estimate")
+        out["kl_rs_estimate"] = metrics.get("kl_rs_estimate", metrics.get("kl_to_teacher") if estimated else None)
     return out
 
 

@@ -23,6 +23,8 @@ import os
 import shutil
 import time
 
+import torch
+
 import common
 import config
 import selection
@@ -140,7 +142,7 @@ class TeacherMemo:
                 if not self.full:
                     self.rows[key], self.bytes = h, self.bytes + nbytes
             out.append(h)
-        return __import__("torch").stack(out)
+        return torch.stack(out)
 
     def fill(self, packs, states, batch_size):
         """Run states(rows) over every row of each data.Packed in turn, until full; returns the seconds."""

@@ -399,7 +399,6 @@ def heldout(r):
         if r.held_cache is not None:
             out = models.heldout_metrics_sparse(r.student, r.held.batches(r.args.batch_size), r.held_cache,
                                                 r.held.sample_ids, r.V, r.args.entropy_chunk)
-            out["kl_rs_estimate"] = out.pop("kl_to_teacher", None)
         else:
             out = models.heldout_metrics(r.student, r.held.batches(r.args.batch_size), get_teacher(r), r.V,
                                          r.args.entropy_chunk, teacher_states=lambda x: teacher_states(r, x, True))
