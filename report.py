@@ -14,6 +14,8 @@ row is one group, cells are mean ± sample std over its seeds (± 0 for one seed
 when no row has them:
   held-out loss / PPL / top-1 agree / ECE  the student after distillation on the held-out split of
                                            the *training text* (summary.json's student_after)
+  probe acc              LAMBADA-style last-word accuracy (a fraction) on train.py's --probe file
+                         (summary.json's student_after.probe_acc)
   KL(p‖q)                the true forward KL to the teacher on that text (a live or memoised teacher)
   KL est. (RS cache)     the RS-KD estimate of a --cache-dir run (cached sampled targets): it exceeds
                          the true KL by a constant of the cache, so it is never shown as KL(p‖q)
@@ -24,9 +26,16 @@ when no row has them:
   GSM8K strict/flexible  exact match after the harness's two answer filters
   IFEval S / L           prompt-level strict / loose accuracy
   sup. pos / samples, wall (s), train (s), mem S / T (GiB)   from summary.json
-With --compare-baseline NAME, per-seed differences to that group follow the loss and KL columns
-(same seed = same data and held-out split, so the split-to-split spread cancels). Two reference rows
-close the table: the student before distillation and the teacher.
+With --compare-baseline NAME (e.g. Full KD), a Δ column follows each of held-out loss, KL(p‖q),
+KL est., top-1 agree and probe acc: the per-seed difference run − baseline (same seed = same data and
+held-out split, so the split-to-split spread cancels), shown as the mean over the n paired seeds and a
+two-sided 95% Student-t confidence interval, mean ± t(0.975, n−1)·sd/√n with sd the sample std of the
+differences:  +0.0123 [+0.0050, +0.0196] *.  A trailing * marks a called difference: the interval
+excludes 0 (with identical differences, sd = 0, any nonzero mean is called). One paired seed gives
+only the mean and [n=1]: no interval, never called. The t quantile is computed exactly (the closed-form
+Student-t CDF for integer df, inverted by bisection; see t_quantile), not from a table. paired_stats()
+is the same computation for other callers. Two reference rows close the table: the student before
+distillation and the teacher (no Δ).
 
 Runs that cannot be compared are skipped with one line on stderr, never ranked: an incomplete run
 (no summary.json, a summary.json older than config.json, or summary "complete": false: a rerun was
@@ -39,7 +48,9 @@ the student entropy H(q_t) and outlines the positions top-k selects with the run
 through losses.chunked_entropy and selection.POLICIES["top_k"].
 """
 import argparse
+import functools
 import json
+import math
 import os
 import statistics
 import sys
@@ -147,6 +158,54 @@ def mean_std(vals):
     return sum(vals) / len(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
+def _t_central_mass(theta, df):
+    """P(|T| < t) for Student's T with integer `df` at t = sqrt(df)·tan(theta): the finite closed form
+    of Abramowitz & Stegun 26.7.3 (odd df) / 26.7.4 (even df), so no scipy and no table is needed."""
+    s, c, c2 = math.sin(theta), math.cos(theta), math.cos(theta) ** 2
+    if df % 2 == 0:  # sin θ · (1 + 1/2 cos²θ + 1·3/(2·4) cos⁴θ + ... up to cos^(df-2)θ)
+        term = total = 1.0
+        for j in range(1, df // 2):
+            term *= c2 * (2 * j - 1) / (2 * j)
+            total += term
+        return s * total
+    series = 0.0  # odd df: 2/π · (θ + sin θ cos θ · (1 + 2/3 cos²θ + ... up to cos^(df-3)θ))
+    if df > 1:
+        term = series = 1.0
+        for j in range(1, (df - 1) // 2):
+            term *= c2 * (2 * j) / (2 * j + 1)
+            series += term
+        series *= s * c
+    return 2 / math.pi * (theta + series)
+
+
+@functools.lru_cache(maxsize=None)
+def t_quantile(df, p=0.975):
+    """The p quantile (p > 0.5) of Student's t with integer `df` >= 1, exact to ~1e-12: bisection over
+    θ in (0, π/2), where the central mass rises monotonically from 0 to 1 (t = sqrt(df)·tan θ)."""
+    if df < 1 or not 0.5 < p < 1:
+        raise ValueError(f"t_quantile needs df >= 1 and 0.5 < p < 1, got df={df}, p={p}")
+    target, lo, hi = 2 * p - 1, 0.0, math.pi / 2
+    for _ in range(64):  # halves the bracket down to double precision
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_central_mass(mid, df) < target else (lo, mid)
+    return math.sqrt(df) * math.tan((lo + hi) / 2)
+
+
+def paired_stats(diffs):
+    """Mean and two-sided 95% Student-t interval of per-seed differences (None values skipped):
+    {mean, lo, hi, n, called}; lo = hi = None for one difference (no interval from one seed), and
+    called = the interval excludes 0. None when there is no difference at all."""
+    diffs = [float(d) for d in diffs if d is not None]
+    if not diffs:
+        return None
+    n, mean = len(diffs), sum(diffs) / len(diffs)
+    if n == 1:
+        return {"mean": mean, "lo": None, "hi": None, "n": 1, "called": False}
+    half = t_quantile(n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    lo, hi = mean - half, mean + half
+    return {"mean": mean, "lo": lo, "hi": hi, "n": n, "called": lo > 0 or hi < 0}
+
+
 # -----------------------------------------------------------------------------
 # the compare table
 
@@ -176,11 +235,13 @@ def reference_rows(runs):
             (("student, no KD (reference)", before), ("teacher (reference)", teacher)) if rows}
 
 
-PAIRED = ("held-out loss", "KL(p‖q)", "KL est. (RS cache)")  # columns that get a Δ vs the baseline
+# columns that get a Δ vs the baseline: the quality numbers two runs of one seed can be paired on
+PAIRED = ("held-out loss", "KL(p‖q)", "KL est. (RS cache)", "top-1 agree", "probe acc")
 
 
 def paired_columns(groups, baseline):
-    """{header: Δ column} for PAIRED: per-seed differences to the `baseline` group."""
+    """{header: Δ column} for PAIRED: per-seed differences to the `baseline` group (None for a seed the
+    baseline lacks, and for the reference rows, which have no config); cells via format_paired."""
     if baseline not in groups:
         raise UserError(f"--compare-baseline {baseline!r} is not a run name here; have {sorted(groups)}")
     base = {r["config"].get("seed"): r for r in groups[baseline]}
@@ -197,6 +258,19 @@ def paired_columns(groups, baseline):
     return cols
 
 
+def format_mean_std(ms, fmt):
+    return "-" if ms is None else f"{ms[0]:{fmt}} ± {ms[1]:{fmt.lstrip('+')}}"
+
+
+def format_paired(st, fmt):
+    """A Δ cell: `+0.0123 [+0.0050, +0.0196] *` (* = interval excludes 0), `+0.0123 [n=1]`, or `-`."""
+    if st is None:
+        return "-"
+    if st["lo"] is None:
+        return f"{st['mean']:{fmt}} [n={st['n']}]"
+    return f"{st['mean']:{fmt}} [{st['lo']:{fmt}}, {st['hi']:{fmt}}]" + (" *" if st["called"] else "")
+
+
 def compare_runs(run_dirs, split="test", refs=True, baseline=None, log=None):
     """The paper-style markdown table (see the module doc); columns no row has are left out."""
     if not run_dirs:
@@ -207,12 +281,14 @@ def compare_runs(run_dirs, split="test", refs=True, baseline=None, log=None):
     columns = [col for c in COLUMNS for col in (c, paired.get(c[0])) if col]  # Δ right after its column
     if refs:
         groups.update(reference_rows(runs))
+    delta = {header for header, _, _ in paired.values()}  # Δ columns: an interval; the others: mean ± std
     rows = []
     for name, group in groups.items():
         cells = [name, str(len(group))]
-        for _, fmt, get in columns:
-            ms = mean_std(get(r) for r in group)
-            cells.append("-" if ms is None else f"{ms[0]:{fmt}} ± {ms[1]:{fmt.lstrip('+')}}")
+        for header, fmt, get in columns:
+            values = [get(r) for r in group]
+            cells.append(format_paired(paired_stats(values), fmt) if header in delta
+                         else format_mean_std(mean_std(values), fmt))
         rows.append(cells)
     keep = [0, 1] + [j + 2 for j in range(len(columns)) if any(row[j + 2] != "-" for row in rows)]
     head = ["run", "n"] + [c[0] for c in columns]
@@ -465,7 +541,8 @@ def get_parser():
     a("--compare", nargs="+", metavar="RUN", help="print the paper-style table of these runs")
     a("--compare-out", metavar="FILE.md", help="also write the table here")
     a("--compare-baseline", metavar="RUN_NAME",
-      help="add per-seed differences of loss and KL to this run name")
+      help="add per-seed differences to this run name (loss, KL, top-1 agree, probe acc): paired mean "
+           "and 95%% t interval, * when it excludes 0")
     a("--split", choices=["validation", "test"], default="test",
       help="which eval file to read: eval.json (test) or eval_validation.json")
     a("--plot", metavar="FILE.png", help="draw a figure (needs matplotlib)")
@@ -504,6 +581,7 @@ COLUMNS = [  # (header, format, row -> value or None); row = load_run() or a ref
     ("KL est. (RS cache)", ".4f", lambda r: r["heldout"].get("kl_rs_estimate")),
     ("top-1 agree", ".4f", lambda r: r["heldout"].get("top1_agree")),
     ("held-out ECE", ".4f", lambda r: r["heldout"].get("ece")),
+    ("probe acc", ".4f", lambda r: r["heldout"].get("probe_acc")),  # a fraction, train.py --probe
     ("Acc", ".4f", lambda r: _eval_metric("paper_average", r)),
     ("LAMBADA PPL", ".2f", lambda r: _get(r["eval"], "lambada", "ppl")),
     ("LAMBADA ECE", ".4f", lambda r: _get(r["eval"], "lambada", "ece_greedy_word")

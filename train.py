@@ -23,6 +23,7 @@ import cache
 import common
 import config
 import data
+import eval as eval_  # the benchmark scorers (LAMBADA's for --probe)
 import losses
 import models
 import selection
@@ -60,7 +61,8 @@ def amp(r):
 
 def load_models(r):
     args, t0 = r.args, time.time()
-    r.tok = study.share(r.shared, ("tokenizer", args.teacher), lambda: models.load_tokenizer(args.teacher))
+    tok_from = (args.teacher, "--teacher") if args.teacher else (args.student, "--student")  # --lam 0: no teacher
+    r.tok = study.share(r.shared, ("tokenizer", tok_from[0]), lambda: models.load_tokenizer(*tok_from))
     r.memo = study.share(r.shared, ("memo", args.teacher, r.t_dev, str(r.t_dtype)),
                          lambda: study.TeacherMemo(args.teacher_memo_gb))
     r.keep = None
@@ -89,6 +91,8 @@ def load_models(r):
 
 
 def get_teacher(r):
+    if r.args.teacher is None:  # config.check refuses every flag that needs one when --lam 0 dropped it
+        raise common.UserError("this run has no teacher (--lam 0 without --teacher)")
     if r.teacher is None:
         def load():
             r.log(f"loading teacher {r.args.teacher} on {r.t_dev}")
@@ -123,6 +127,14 @@ def load_data(r):
         raise common.UserError(f"--data {args.data or 'stdlib'}: no position to supervise (every target "
                                "follows an end-of-text token); nothing would train")
     r.sup_frac_samples, r.n_train_all = 1.0, len(r.train)
+    r.probe = None
+    if args.probe:  # config.check made sure the file exists
+        rows = eval_.read_jsonl(args.probe)
+        if not all(isinstance(row, dict) and isinstance(row.get("text"), str) for row in rows):
+            raise common.UserError(f"--probe {args.probe}: every row needs a string field 'text'")
+        r.probe = [eval_.lambada_example(row) for row in rows]
+        if not r.probe:
+            raise common.UserError(f"--probe {args.probe}: no examples")
 
 
 # -----------------------------------------------------------------------------
@@ -230,7 +242,7 @@ def prepare_training(r):
             vars(args), config_key=r.config_key, git_hash=common.git_hash(), student_layers_kept=r.keep,
             world_size=r.world, global_batch_seqs=r.global_batch, devices=dict(teacher=r.t_dev, student=r.s_dev),
             precision="bf16 autocast, fp32 master weights" if r.bf16 else "fp32"))
-    r.log(f"run: {args.teacher} -> {args.student or f'its layers {args.student_layers}'} | "
+    r.log(f"run: {args.teacher or 'no teacher (plain CE)'} -> {args.student or f'its layers {args.student_layers}'} | "
           f"{len(r.train)} train / {len(r.held)} {args.eval_split} seqs of {args.seq_len} | k {args.k} "
           f"{args.policy} {args.pos_metric} | U {args.rs_u or '-'} | {args.loss} | "
           f"{'bf16 autocast (fp32 master)' if r.bf16 else 'fp32'} | teacher {r.t_dev}, student {r.s_dev} | "
@@ -399,9 +411,14 @@ def heldout(r):
         if r.held_cache is not None:
             out = models.heldout_metrics_sparse(r.student, r.held.batches(r.args.batch_size), r.held_cache,
                                                 r.held.sample_ids, r.V, r.args.entropy_chunk)
+        elif r.args.teacher is None:  # plain CE (--lam 0): the student's own loss, PPL, ECE
+            out = models.heldout_metrics(r.student, r.held.batches(r.args.batch_size), None, r.V, r.args.entropy_chunk)
         else:
             out = models.heldout_metrics(r.student, r.held.batches(r.args.batch_size), get_teacher(r), r.V,
                                          r.args.entropy_chunk, teacher_states=lambda x: teacher_states(r, x, True))
+        if r.probe:  # LAMBADA-style last-word accuracy (--probe)
+            probe, _ = eval_.score_lambada(r.student, r.tok, r.probe, r.args.batch_size, progress=False)
+            out.update(probe_acc=probe["acc"], probe_ppl=probe["ppl"], probe_n=probe["n"])
     r.student.train()
     r.timing["eval_s"] += time.time() - t0
     out["tokens"] = int(r.held.valid.sum())

@@ -140,11 +140,61 @@ def test_compare_baseline_gives_paired_differences(tmp_path):
     head, rows = table_rows(R.compare_runs(runs, baseline="full"))
     assert head[:5] == ["run", "n", "held-out loss", "Δheld-out loss vs full", "held-out PPL"]
     assert "ΔKL(p‖q) vs full" in head
-    # per seed: +0.1 and +0.3 -> mean +0.2, sample std 0.1414 (the plain loss std is 0.85)
-    assert rows["se"]["Δheld-out loss vs full"] == f"+0.2000 ± {math.sqrt(0.02):.4f}"
-    assert rows["se"]["ΔKL(p‖q) vs full"] == "+0.0000 ± 0.0000"
+    assert "Δtop-1 agree vs full" in head and "probe acc" not in head  # no run was given --probe
+    # per seed: +0.1 and +0.3 -> mean +0.2, sd 0.1414, half-width t(0.975, 1) * sd / sqrt(2) = 12.7062 * 0.1
+    # (the plain loss std is 0.85): two seeds cannot call a difference this noisy
+    assert rows["se"]["Δheld-out loss vs full"] == "+0.2000 [-1.0706, +1.4706]"
+    assert rows["se"]["ΔKL(p‖q) vs full"] == "+0.0000 [+0.0000, +0.0000]"  # [0, 0] contains 0: not called
+    assert rows["full"]["Δheld-out loss vs full"] == "+0.0000 [+0.0000, +0.0000]"
     with pytest.raises(UserError, match="not a run name"):
         R.compare_runs(runs, baseline="nope")
+
+
+def test_t_quantile_matches_the_t_table():
+    # two-sided 95% critical values of Student's t (any printed t table)
+    for df, t in ((1, 12.706205), (2, 4.302653), (3, 3.182446), (4, 2.776445), (9, 2.262157),
+                  (30, 2.042272), (100, 1.983972)):
+        assert R.t_quantile(df) == pytest.approx(t, abs=1e-6)
+    assert R.t_quantile(1, 0.75) == pytest.approx(1.0)  # Cauchy: P(T < 1) = 3/4
+    assert R.t_quantile(10 ** 4) == pytest.approx(1.959964, abs=1e-3)  # -> the normal's 1.96
+
+
+def test_paired_stats_by_hand():
+    # diffs 1, 2, 3: mean 2, sd 1, half-width t(0.975, 2) * 1 / sqrt(3) = 4.302653 / 1.732051 = 2.4841
+    st = R.paired_stats([1, 2, None, 3])  # None = a seed without a baseline run: skipped
+    assert st["n"] == 3 and st["mean"] == 2.0
+    assert st["lo"] == pytest.approx(2 - 2.4841, abs=1e-4) and st["hi"] == pytest.approx(2 + 2.4841, abs=1e-4)
+    assert st["called"] is False  # [-0.48, 4.48] contains 0
+    st = R.paired_stats([2, 3, 4])  # same spread, shifted: [0.52, 5.48] excludes 0
+    assert st["lo"] == pytest.approx(3 - 2.4841, abs=1e-4) and st["called"] is True
+    assert R.paired_stats([-0.5, -0.5])["called"] is True  # sd 0: the interval is the nonzero mean
+    assert R.paired_stats([0.0, 0.0])["called"] is False
+    assert R.paired_stats([0.7]) == {"mean": 0.7, "lo": None, "hi": None, "n": 1, "called": False}
+    assert R.paired_stats([None]) is None and R.paired_stats([]) is None
+
+
+def test_compare_baseline_calls_only_intervals_that_exclude_zero(tmp_path):
+    better = (-0.05, -0.052, -0.048, -0.051, -0.049)  # loss diffs to full per seed: clearly below 0
+    noise = (0.02, -0.03, 0.01, -0.02, 0.025)  # mean +0.001, spread across 0
+    runs = []
+    for s in range(5):
+        base = 2.0 + 0.1 * s  # the seed-to-seed spread (0.16) dwarfs the differences; pairing removes it
+        runs += [fake_run(tmp_path, f"f{s}", "full", s, base, after={"probe_acc": 0.30 + 0.01 * s}),
+                 fake_run(tmp_path, f"b{s}", "better", s, base + better[s],
+                          after={"probe_acc": 0.34 + 0.01 * s + noise[s] / 10}),
+                 fake_run(tmp_path, f"n{s}", "noisy", s, base + noise[s], after={"probe_acc": 0.30 + 0.01 * s})]
+    runs.append(fake_run(tmp_path, "o0", "one-seed", 0, 1.9))  # no probe, one seed: no interval
+    head, rows = table_rows(R.compare_runs(runs, baseline="full"))
+    assert head[head.index("probe acc") + 1] == "Δprobe acc vs full"
+    assert rows["full"]["probe acc"] == "0.3200 ± 0.0158" and rows["one-seed"]["probe acc"] == "-"
+    loss, probe = "Δheld-out loss vs full", "Δprobe acc vs full"
+    st = R.paired_stats(better)
+    assert rows["better"][loss] == f"-0.0500 [{st['lo']:+.4f}, {st['hi']:+.4f}] *" and st["hi"] < 0
+    assert rows["better"][probe].startswith("+0.0401 [+0.03") and rows["better"][probe].endswith(" *")
+    assert rows["noisy"][loss].startswith("+0.0010 [-0.") and not rows["noisy"][loss].endswith("*")
+    assert rows["noisy"][probe] == "+0.0000 [+0.0000, +0.0000]"
+    assert rows["one-seed"][loss] == "-0.1000 [n=1]" and rows["one-seed"][probe] == "-"
+    assert rows["full"]["n"] == "5" and rows["full"]["held-out loss"] == "2.2000 ± 0.1581"  # not a Δ: ± std
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -1,0 +1,138 @@
+"""sandbox.py: the near pair built offline (toy scale, seconds), and train.py's teacher-free --lam 0 mode."""
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+import data
+import models
+import sandbox
+import train
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("sandbox"))
+    logs = []
+    return sandbox.build(root, scale="toy", log=logs.append), logs
+
+
+def summary_of(out):
+    with open(os.path.join(out, "summary.json")) as f:
+        return json.load(f)
+
+
+def test_parts_are_disjoint_and_deterministic():
+    assert sandbox.part_of("json/decoder.py") == sandbox.part_of("json/decoder.py")
+    _, files = data.stdlib_files()
+    parts = [sandbox.part_of(os.path.basename(p) + str(i)) for i, p in enumerate(files)]
+    share = {name: parts.count(name) / len(parts) for name, _ in sandbox.PARTS}
+    for name, pct in sandbox.PARTS:  # the hash spreads files as PARTS says, within sampling noise
+        assert abs(share[name] - pct / 100) < 0.08, share
+
+
+def test_toy_build(toy):
+    p, logs = toy
+    assert sandbox.is_built(p["root"])
+    ids = {}
+    for name, _ in sandbox.PARTS:
+        with open(os.path.join(p["root"], "corpus", f"{name}.jsonl")) as f:
+            ids[name] = {json.loads(line)["id"] for line in f}
+        assert ids[name], name
+    assert not (ids["pretrain"] & ids["kd"]) and not (ids["kd"] & ids["probe"])  # distilled text never pretrained on
+    teacher, tok = models.load_model(p["teacher"])
+    student, s_tok = models.load_model(p["student"])
+    assert len(tok) == sandbox.SCALES["toy"]["vocab"] and models.check_vocab(tok, s_tok) == len(tok)
+    n = lambda m: sum(x.numel() for x in m.parameters())  # noqa: E731
+    assert n(teacher) > n(student)
+    enc, backend = data.make_encoder(tok, "auto", sample=["def f(x):\n    return x + 1\n"])
+    assert backend == "tiktoken"  # served through the exact tiktoken twin
+    # pretraining (train.py --lam 0) lowered each model's held-out CE below its random init's
+    for role in ("teacher", "student"):
+        s = summary_of(os.path.join(p["root"], f"pretrain-{role}"))
+        assert s["student_after"]["loss"] < s["student_before"]["loss"] - 0.1, role
+        assert s["teacher_loaded"] is False and "kl_to_teacher" not in s["student_after"]
+    rows = [json.loads(line) for line in open(p["probe"])]
+    assert 0 < len(rows) <= sandbox.SCALES["toy"]["probe_examples"]
+    for row in rows:
+        ctx, word = row["text"].rsplit(" ", 1)
+        assert sandbox.WORD.fullmatch(word) and word in ctx  # the target is carried over from the context
+
+
+def test_build_is_reused(toy):
+    p, _ = toy
+    mtime = os.path.getmtime(os.path.join(p["teacher"], "config.json"))
+    logs = []
+    sandbox.build(p["root"], scale="toy", log=logs.append)
+    assert os.path.getmtime(os.path.join(p["teacher"], "config.json")) == mtime
+    assert not any(line.startswith("$") for line in logs)  # nothing retrained
+
+
+def test_probe_examples_need_the_word_in_context():
+    text = "x = 1\n" * 40 + "value = compute()\nresult = other\nreturn value\n"
+    rows = sandbox.probe_examples([text], 10)
+    assert [r["text"].rsplit(" ", 1)[1] for r in rows] == ["value"]  # 'other' never appeared before
+
+
+def test_lam0_trains_plain_ce_without_a_teacher(toy, tmp_path):
+    p, _ = toy
+    out = tmp_path / "ce"
+    # lr 0: the logged loss of step 1 is the plain CE of that batch, computed densely here
+    train.main(["--lam", "0", "--student", p["student"], "--data", p["kd"], "--seq-len", "32", "--tokens", "256",
+                "--eval-tokens", "64", "--batch-size", "4", "--lr", "0", "--max-steps", "1", "--out-dir", str(out),
+                "--no-save-model", "--dtype", "fp32"])
+    s = summary_of(out)
+    assert s["teacher_loaded"] is False and s["teacher_val_loss"] is None
+    assert "kl_to_teacher" not in s["student_after"]
+    row = json.loads(open(out / "metrics.jsonl").readline())
+    student, tok = models.load_model(p["student"])
+    splits = data.load_splits(tok, p["kd"], 32, 256, 64)
+    r = SimpleNamespace(args=SimpleNamespace(grad_accum=1, seed=0, batch_size=4), world=1, rank=0,
+                        train=splits["train"], steps_per_epoch=len(splits["train"]) // 4)
+    idx = train.batch_indices(r, 0, 0)  # step 1's rows
+    x, y, valid = (t[idx] for t in (splits["train"].input_ids, splits["train"].targets, splits["train"].valid))
+    with torch.no_grad():
+        logits = student(x).logits[..., :len(tok)]
+    ce = torch.nn.functional.cross_entropy(logits[valid], y[valid])
+    assert row["kd"] == 0.0 and abs(row["loss"] - float(ce)) < 1e-4
+
+
+def test_probe_flag(toy, tmp_path):
+    p, _ = toy
+    out = tmp_path / "kd"
+    train.main(["--teacher", p["teacher"], "--student", p["student"], "--data", p["kd"], "--probe", p["probe"],
+                "--seq-len", "32", "--tokens", "256", "--eval-tokens", "64", "--batch-size", "4", "--k", "0.5",
+                "--out-dir", str(out), "--no-save-model"])
+    s = summary_of(out)
+    n = sum(1 for _ in open(p["probe"]))
+    for when in ("student_before", "student_after"):
+        assert s[when]["probe_n"] == n and 0.0 <= s[when]["probe_acc"] <= 1.0
+    assert s["teacher_loaded"] is True and s["student_after"]["kl_to_teacher"] > 0
+
+
+def run_cli(argv, env=None):
+    return subprocess.run([sys.executable, "train.py", *argv], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120, env=dict(os.environ, **(env or {})))
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--lam", "0", "--student", "S", "--pos-metric", "kl", "--k", "0.2"], "--pos-metric kl needs a teacher"),
+    (["--lam", "0", "--student", "S", "--cache-dir", "C"], "--cache-dir needs a teacher"),
+    (["--probe", "/nonexistent/probe.jsonl", "--lam", "0", "--student", "S"], None),
+])
+def test_lam0_refusals(argv, needle, tmp_path):
+    res = run_cli(argv + ["--out-dir", str(tmp_path / "o")])
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert (needle or "--probe") in res.stderr.strip().splitlines()[-1]  # argparse: usage, then our line
+
+
+def test_sandbox_preset_unbuilt_says_how_to_build(tmp_path):
+    res = run_cli(["--preset", "sandbox", "--out-dir", str(tmp_path / "o")], env={"NANO_SEKD_HOME": str(tmp_path)})
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "python sandbox.py" in res.stderr.strip().splitlines()[-1], res.stderr
