@@ -36,7 +36,7 @@ PRESETS = {  # explicit flags override these
 SAMPLE_METRICS = ["none", "student_entropy", "ce_ratio", "kl", "random"]
 MATRICES = ["table2", "table3", "table4", "table5", "budget"]  # defined in study.py
 # flags that change where a run writes or what it is called, not its numbers (kept out of config_key)
-RUN_ONLY = ("out_dir", "run_name", "resume", "log_every", "ckpt_every", "save_model", "teacher_memo_gb",
+RUN_ONLY = ("out_dir", "run_name", "resume", "log_every", "eval_every", "ckpt_every", "save_model", "teacher_memo_gb",
             "matrix", "seeds", "debug", "fresh")
 
 
@@ -107,6 +107,7 @@ def get_parser():
     g("--fresh", action="store_true", help="start over in an out-dir that holds another run (deletes its files)")
     g("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     g("--log-every", type=int, default=10, help="progress line every N steps")
+    g("--eval-every", type=int, default=0, help="held-out loss and KL every N steps into metrics.jsonl (0: off)")
     g("--save-model", action=argparse.BooleanOptionalAction, default=True, help="save out-dir/model/")
     g("--debug", action="store_true", help="full tracebacks instead of one-line errors")
     g = p.add_argument_group("studies (study.py)").add_argument
@@ -192,7 +193,8 @@ def check(args):
         (args.curriculum_steps is None or args.curriculum_steps >= 1,
          f"--curriculum-steps must be >= 1, got {args.curriculum_steps}"),
         (args.cache_shard_size >= 1, f"--cache-shard-size must be >= 1, got {args.cache_shard_size}"),
-        (args.ckpt_every >= 0 and args.log_every >= 1, "--ckpt-every must be >= 0 and --log-every >= 1"),
+        (args.ckpt_every >= 0 and args.log_every >= 1 and args.eval_every >= 0,
+         "--ckpt-every and --eval-every must be >= 0, --log-every >= 1"),
         (args.teacher_memo_gb >= 0, f"--teacher-memo-gb must be >= 0, got {args.teacher_memo_gb}"),
         (all(s.strip().lstrip("-").isdigit() for s in seeds) and (args.seeds is None or seeds),
          f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}"),

@@ -235,8 +235,8 @@ def prepare_training(r):
            (args.cache_dir, args.rs_u, args.temperature, args.seed) if r.held_cache is not None else None)
     if r.before is None:  # the untrained student on the held-out split: the same for every run of a matrix
         r.before = dict(study.share(r.shared, key, lambda: heldout(r)))
-        kl = r.before.get("kl_to_teacher", r.before.get("kl_rs_estimate", float("nan")))
-        r.log(f"before: student {args.eval_split} loss {r.before['loss']:.4f} kl {kl:.4f}")
+        kl = r.before.get("kl_to_teacher", r.before.get("kl_rs_estimate"))
+        r.log(f"before: student {args.eval_split} loss {r.before['loss']:.4f}" + (f" kl {kl:.4f}" if kl else ""))
     if r.master:
         common.atomic_json(os.path.join(args.out_dir, "config.json"), dict(
             vars(args), config_key=r.config_key, git_hash=common.git_hash(), student_layers_kept=r.keep,
@@ -347,6 +347,9 @@ def train(r):
         dt = time.time() - t_step
         row = dict(step=r.step, loss=loss, kd=kd, sel=n_sel / max(n_valid, 1), lr=lr_at(r, r.step - 1), dt=dt,
                    tok_s=r.global_batch * args.seq_len / dt)
+        if args.eval_every and r.step % args.eval_every == 0 and r.step < r.max_steps:  # the held-out curve
+            ev = heldout(r, probe=False)
+            row.update(val_loss=ev["loss"], val_kl=ev.get("kl_to_teacher", ev.get("kl_rs_estimate")))
         r.hist.append(row)
         if r.step % args.log_every == 0 or r.step in (1, r.max_steps):
             r.log(f"step {r.step:5d}/{r.max_steps} | loss {loss:.4f} | kd {kd:.4f} | sel {row['sel']:.3f} | "
@@ -402,7 +405,7 @@ def save_checkpoint(r):
 # -----------------------------------------------------------------------------
 # held-out evaluation, save
 
-def heldout(r):
+def heldout(r, probe=True):
     """The student's held-out loss, PPL, top-1 agreement, ECE and KL to the teacher (true KL with a teacher;
     with --cache-dir and no teacher, the RS-KD estimate, named kl_rs_estimate)."""
     t0 = time.time()
@@ -416,7 +419,7 @@ def heldout(r):
         else:
             out = models.heldout_metrics(r.student, r.held.batches(r.args.batch_size), get_teacher(r), r.V,
                                          r.args.entropy_chunk, teacher_states=lambda x: teacher_states(r, x, True))
-        if r.probe:  # LAMBADA-style last-word accuracy (--probe)
+        if r.probe and probe:  # LAMBADA-style last-word accuracy (--probe)
             probe, _ = eval_.score_lambada(r.student, r.tok, r.probe, r.args.batch_size, progress=False)
             out.update(probe_acc=probe["acc"], probe_ppl=probe["ppl"], probe_n=probe["n"])
     r.student.train()
@@ -450,9 +453,10 @@ def finish(r):
     common.atomic_json(os.path.join(args.out_dir, "summary.json"), summary)  # last: marks the run done
     if os.path.exists(r.ckpt_path):
         os.remove(r.ckpt_path)
-    print(f"done in {wall:.0f}s: student {args.eval_split} loss {r.before['loss']:.4f} -> {after['loss']:.4f}, "
-          f"{kl} {r.before.get(kl, float('nan')):.4f} -> {after.get(kl) or float('nan'):.4f} "
-          f"(teacher loss {teacher.get('loss', float('nan')):.4f}); supervised "
+    vs_teacher = (f", {kl} {r.before.get(kl, float('nan')):.4f} -> {after.get(kl) or float('nan'):.4f} "
+                  f"(teacher loss {teacher.get('loss', float('nan')):.4f})" if args.teacher else " (no teacher)")
+    print(f"done in {wall:.0f}s: student {args.eval_split} loss {r.before['loss']:.4f} -> {after['loss']:.4f}"
+          f"{vs_teacher}; supervised "
           f"{summary['sup_frac_positions']:.1%} of positions; summary in {args.out_dir}/summary.json")
 
 

@@ -136,3 +136,16 @@ def test_sandbox_preset_unbuilt_says_how_to_build(tmp_path):
     res = run_cli(["--preset", "sandbox", "--out-dir", str(tmp_path / "o")], env={"NANO_SEKD_HOME": str(tmp_path)})
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "python sandbox.py" in res.stderr.strip().splitlines()[-1], res.stderr
+
+
+def test_eval_every_records_the_curve_without_changing_the_run(toy, tmp_path):
+    p, _ = toy
+    base = ["--teacher", p["teacher"], "--student", p["student"], "--data", p["kd"], "--seq-len", "32",
+            "--tokens", "512", "--eval-tokens", "64", "--batch-size", "4", "--no-save-model"]
+    train.main(base + ["--out-dir", str(tmp_path / "a")])
+    train.main(base + ["--out-dir", str(tmp_path / "b"), "--eval-every", "2"])
+    rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+    curve = [r for r in rows if "val_kl" in r]
+    assert [r["step"] for r in curve] == list(range(2, len(rows), 2)) and all(r["val_kl"] > 0 for r in curve)
+    a, b = summary_of(tmp_path / "a"), summary_of(tmp_path / "b")
+    assert a["student_after"] == b["student_after"] and a["config_key"] == b["config_key"]
