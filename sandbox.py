@@ -46,7 +46,7 @@ SCALES = {
     "full": dict(vocab=4096, seq_len=128, batch_size=16,
                  teacher=dict(d=256, layers=6, heads=8, ff=768, tokens=900_000, lr=2e-3),
                  student=dict(d=128, layers=2, heads=4, ff=384, tokens=900_000, lr=3e-3),
-                 probe_examples=500),
+                 probe_examples=300),
     "toy": dict(vocab=300, seq_len=32, batch_size=4,
                 teacher=dict(d=32, layers=2, heads=2, ff=64, tokens=4_096, lr=3e-3),
                 student=dict(d=16, layers=1, heads=1, ff=32, tokens=2_048, lr=3e-3),
@@ -147,7 +147,7 @@ def pretrain(init_dir, out_dir, corpus, spec, scale, log=print):
 WORD = re.compile(r"[A-Za-z_][A-Za-z_0-9]{3,}")
 
 
-def probe_examples(texts, n, context_chars=600):
+def probe_examples(texts, n, context_chars=400):
     """Lines that end in ' word', the word (>= 4 chars, an identifier) seen in the preceding context: the
     model must carry it over a distance, as in LAMBADA. {"text": context + " " + word}, deterministic."""
     out = []
@@ -207,6 +207,7 @@ def build(root=None, scale="full", log=print):
         model_dir = pretrain(init_dir, os.path.join(p["root"], f"pretrain-{role}"), corpus["pretrain"], sc[role],
                              sc, log)
         os.replace(model_dir, p[role])
+        shutil.rmtree(init_dir)  # the seeded init is rebuilt exactly if ever needed
     if not os.path.exists(p["probe"]):
         rows = probe_examples(read_texts(corpus["probe"]), sc["probe_examples"])
         common.atomic_write(p["probe"], "".join(json.dumps(r) + "\n" for r in rows))
@@ -228,7 +229,7 @@ def study(out_dir="out/sandbox", matrices=STUDY, seeds=None, log=print):
     import report
     for m in matrices:
         cmd = [sys.executable, os.path.join(HERE, "train.py"), "--preset", "sandbox", "--matrix", m,
-               "--out-dir", out_dir] + (["--seeds", seeds] if seeds else [])
+               "--out-dir", out_dir, "--no-save-model"] + (["--seeds", seeds] if seeds else [])
         log("$ " + " ".join(cmd[1:]))
         res = subprocess.run(cmd, cwd=HERE)
         if res.returncode != 0:

@@ -1,0 +1,84 @@
+"""The two regimes side by side (docs/results.md): per method, paired differences to Full KD with 95%
+intervals in the far regime (the tiny preset's cut student) and the near one (the sandbox pair).
+
+    python docs/regimes.py --far docs/results/runs --near docs/results/sandbox/runs > docs/results/regimes.md
+
+A run directory is RUN_ROOT/<run name>/seed<k>/summary.json (train.py --matrix layout). A cell is the mean of
+per-seed differences (method - full_kd, same seed) with its two-sided 95% Student-t interval
+(report.paired_stats); `*` marks an interval that excludes 0, the only differences the reading calls.
+"""
+import argparse
+import glob
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import report  # noqa: E402
+import study  # noqa: E402
+
+ROWS = [name for m in ("table2", "table3", "table4", "budget") for name, _ in study.MATRICES[m]]
+
+
+def load(root):
+    """{run name: {seed: summary}} for every finished run under root."""
+    out = {}
+    for path in glob.glob(os.path.join(root, "*", "seed*", "summary.json")):
+        name, seed = path.split(os.sep)[-3], int(path.split(os.sep)[-2][len("seed"):])
+        with open(path) as f:
+            out.setdefault(name, {})[seed] = json.load(f)
+    return out
+
+
+METRICS = {  # column -> value from a summary (None when absent)
+    "ΔKL": lambda s: s["student_after"].get("kl_to_teacher"),
+    "Δloss": lambda s: s["student_after"].get("loss"),
+    "Δprobe acc": lambda s: s["student_after"].get("probe_acc"),
+}
+
+
+def cell(runs, name, get, fmt="+.4f"):
+    base, rows = runs.get("full_kd", {}), runs.get(name, {})
+    diffs = [get(rows[s]) - get(base[s]) for s in sorted(rows) if s in base
+             and get(rows[s]) is not None and get(base[s]) is not None]
+    return report.format_paired(report.paired_stats(diffs), fmt) if diffs else "-"
+
+
+def train_ratio(runs, name):
+    """Training-loop time relative to Full KD (mean of per-seed ratios): the efficiency column."""
+    base, rows = runs.get("full_kd", {}), runs.get(name, {})
+    r = [rows[s]["wall_time_split"]["train_s"] / base[s]["wall_time_split"]["train_s"]
+         for s in rows if s in base and not rows[s].get("same_as")]
+    return f"{statistics.mean(r):.2f}" if r else "(same run)" if rows else "-"
+
+
+def table(far, near):
+    head = ["method", "sup. pos", "sup. samples", "far ΔKL", "far Δloss", "near ΔKL", "near Δloss",
+            "near Δprobe acc", "near train time / Full KD", "seeds far / near"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    seen = set()
+    for name in ROWS:
+        if name in seen or name == "full_kd" or not (far.get(name) or near.get(name)):
+            continue
+        seen.add(name)
+        any_run = next(iter((near.get(name) or far.get(name)).values()))
+        lines.append("| " + " | ".join([
+            name, f"{any_run['sup_frac_positions']:.2f}", f"{any_run['sup_frac_samples']:.2f}",
+            cell(far, name, METRICS["ΔKL"]), cell(far, name, METRICS["Δloss"]),
+            cell(near, name, METRICS["ΔKL"]), cell(near, name, METRICS["Δloss"]),
+            cell(near, name, METRICS["Δprobe acc"]), train_ratio(near, name),
+            f"{len(far.get(name, {}))} / {len(near.get(name, {}))}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--far", required=True, help="run root of the far regime (tiny preset study)")
+    ap.add_argument("--near", required=True, help="run root of the near regime (sandbox study)")
+    args = ap.parse_args(argv)
+    sys.stdout.write(table(load(args.far), load(args.near)))
+
+
+if __name__ == "__main__":
+    main()
