@@ -2,6 +2,7 @@
 intervals in the far regime (the tiny preset's cut student) and the near one (the sandbox pair).
 
     python docs/regimes.py --far docs/results/runs --near docs/results/sandbox/runs > docs/results/regimes.md
+    python docs/regimes.py --curve RUN... --curve-png docs/results/sandbox_curve.png   # runs with --eval-every
 
 A run directory is RUN_ROOT/<run name>/seed<k>/summary.json (train.py --matrix layout). A cell is the mean of
 per-seed differences (method - full_kd, same seed) with its two-sided 95% Student-t interval
@@ -72,12 +73,49 @@ def table(far, near):
     return "\n".join(lines) + "\n"
 
 
+def curve(run_dir):
+    """[(training tokens, held-out KL)] of a run with --eval-every, from before training to the end."""
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        s = json.load(f)
+    with open(os.path.join(run_dir, "config.json")) as f:
+        seq = json.load(f)["seq_len"]
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    tokens = s["global_batch_seqs"] * seq
+    return ([(0, s["student_before"]["kl_to_teacher"])]
+            + [(r["step"] * tokens, r["val_kl"]) for r in rows if "val_kl" in r]
+            + [(s["steps"] * tokens, s["student_after"]["kl_to_teacher"])])
+
+
+def plot_curves(run_dirs, path, mark=None):
+    plt = report._pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for d in run_dirs:
+        xs, ys = zip(*curve(d))
+        ax.plot([x / 1000 for x in xs], ys, marker=".", label=os.path.basename(os.path.normpath(d)))
+    if mark:
+        ax.axvline(mark / 1000, color="grey", ls="--", lw=1, label="the study's budget")
+    ax.set_xlabel("training tokens (thousands)")
+    ax.set_ylabel("held-out KL(p || q), nats")
+    ax.legend(fontsize=7)
+    report.save_figure(fig, path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--far", required=True, help="run root of the far regime (tiny preset study)")
-    ap.add_argument("--near", required=True, help="run root of the near regime (sandbox study)")
+    ap.add_argument("--far", help="run root of the far regime (tiny preset study)")
+    ap.add_argument("--near", help="run root of the near regime (sandbox study)")
+    ap.add_argument("--curve", nargs="+", help="runs made with --eval-every: print their held-out KL curves")
+    ap.add_argument("--curve-png", help="--curve: also draw them here")
+    ap.add_argument("--mark", type=float, help="--curve-png: a vertical line at this many tokens")
     args = ap.parse_args(argv)
-    sys.stdout.write(table(load(args.far), load(args.near)))
+    if args.curve:
+        for d in args.curve:
+            print(os.path.basename(os.path.normpath(d)), " ".join(f"{t // 1024}k:{v:.3f}" for t, v in curve(d)))
+        if args.curve_png:
+            plot_curves(args.curve, args.curve_png, args.mark)
+    if args.far and args.near:
+        sys.stdout.write(table(load(args.far), load(args.near)))
 
 
 if __name__ == "__main__":
