@@ -35,7 +35,7 @@ PRESETS = {  # explicit flags override these
                     warmup=0.05, seeds="0,1,2,3,4"),
 }
 SAMPLE_METRICS = ["none", "student_entropy", "ce_ratio", "kl", "random"]
-MATRICES = ["table2", "table3", "table4", "table5", "budget"]  # defined in study.py
+MATRICES = ["table2", "table3", "table4", "table5", "core", "budget"]  # defined in study.py
 # flags that change where a run writes or what it is called, not its numbers (kept out of config_key)
 RUN_ONLY = ("out_dir", "run_name", "resume", "log_every", "eval_every", "ckpt_every", "save_model", "teacher_memo_gb",
             "matrix", "seeds", "debug", "fresh")

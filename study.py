@@ -44,6 +44,9 @@ MATRICES = {  # name -> [(run name, flag overrides)]
     "table5": [("gsm8k_full_kd", dict(task="gsm8k")), ("gsm8k_se_kd", dict(task="gsm8k", k=0.2)),
                ("gsm8k_on_policy", dict(task="gsm8k", on_policy=True)),
                ("gsm8k_on_policy_se_kd", dict(task="gsm8k", on_policy=True, k=0.2))],
+    # the headline comparison alone (Full KD, SE-KD, RandomPos at 20%), e.g. to rerun at a longer budget
+    "core": [("full_kd", dict(k=1.0)), ("top20_student_entropy", dict(pos_metric="student_entropy", k=0.2)),
+             ("random_pos_20", dict(policy="random", k=0.2))],
     "budget": [(f"k{k}", dict(k=k)) for k in [0.05, 0.1, 0.2, 0.5, 1.0]]
               + [(f"l{l}", dict(sample_metric=M, sample_frac=l)) for l in [0.1, 0.2, 0.5]],
 }
