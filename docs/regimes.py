@@ -11,6 +11,7 @@ per-seed differences (method - full_kd, same seed) with its two-sided 95% Studen
 import argparse
 import glob
 import json
+import math
 import os
 import statistics
 import sys
@@ -36,6 +37,8 @@ METRICS = {  # column -> value from a summary (None when absent)
     "ΔKL": lambda s: s["student_after"].get("kl_to_teacher"),
     "Δloss": lambda s: s["student_after"].get("loss"),
     "Δprobe acc": lambda s: s["student_after"].get("probe_acc"),
+    # the probe's mean NLL per target word (log of its word PPL): finer than the accuracy
+    "Δprobe NLL": lambda s: math.log(s["student_after"]["probe_ppl"]) if "probe_ppl" in s["student_after"] else None,
 }
 
 
@@ -56,7 +59,7 @@ def train_ratio(runs, name):
 
 def table(far, near):
     head = ["method", "sup. pos", "sup. samples", "far ΔKL", "far Δloss", "near ΔKL", "near Δloss",
-            "near Δprobe acc", "near train time / Full KD", "seeds far / near"]
+            "near Δprobe acc", "near Δprobe NLL", "near train time / Full KD", "seeds far / near"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     seen = set()
     for name in ROWS:
@@ -68,7 +71,8 @@ def table(far, near):
             name, f"{any_run['sup_frac_positions']:.2f}", f"{any_run['sup_frac_samples']:.2f}",
             cell(far, name, METRICS["ΔKL"]), cell(far, name, METRICS["Δloss"]),
             cell(near, name, METRICS["ΔKL"]), cell(near, name, METRICS["Δloss"]),
-            cell(near, name, METRICS["Δprobe acc"]), train_ratio(near, name),
+            cell(near, name, METRICS["Δprobe acc"]), cell(near, name, METRICS["Δprobe NLL"]),
+            train_ratio(near, name),
             f"{len(far.get(name, {}))} / {len(near.get(name, {}))}"]) + " |")
     return "\n".join(lines) + "\n"
 

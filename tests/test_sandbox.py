@@ -149,3 +149,14 @@ def test_eval_every_records_the_curve_without_changing_the_run(toy, tmp_path):
     assert [r["step"] for r in curve] == list(range(2, len(rows), 2)) and all(r["val_kl"] > 0 for r in curve)
     a, b = summary_of(tmp_path / "a"), summary_of(tmp_path / "b")
     assert a["student_after"] == b["student_after"] and a["config_key"] == b["config_key"]
+
+
+def test_build_is_deterministic(toy, tmp_path):
+    p, _ = toy
+    q = sandbox.build(str(tmp_path / "again"), scale="toy", log=lambda *a: None)
+    assert open(os.path.join(p["root"], "tokenizer", "tokenizer.json")).read() == \
+        open(os.path.join(q["root"], "tokenizer", "tokenizer.json")).read()
+    assert open(p["probe"]).read() == open(q["probe"]).read()
+    for role in ("teacher", "student"):
+        a, b = models.load_model(p[role])[0].state_dict(), models.load_model(q[role])[0].state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), role
