@@ -167,7 +167,7 @@ def check(args):
     if args.preset == "sandbox" and any((m or "").startswith(sb["root"]) for m in (args.teacher, args.student)) \
             and not sandbox.is_built():
         raise ValueError(f"--preset sandbox: the pair is not built in {sb['root']}: run `python sandbox.py` once "
-                         "(about 15 minutes on 2 cores; reused afterwards)")
+                         "(about 10 minutes on 2 cores; reused afterwards)")
     seeds = [] if args.seeds is None else args.seeds.split(",")
     no_teacher = args.teacher is None
     teacher_needs = [f"--pos-metric {args.pos_metric}" if selection.needs_teacher(args.pos_metric) else "",

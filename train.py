@@ -420,8 +420,8 @@ def heldout(r, probe=True):
             out = models.heldout_metrics(r.student, r.held.batches(r.args.batch_size), get_teacher(r), r.V,
                                          r.args.entropy_chunk, teacher_states=lambda x: teacher_states(r, x, True))
         if r.probe and probe:  # LAMBADA-style last-word accuracy (--probe)
-            probe, _ = eval_.score_lambada(r.student, r.tok, r.probe, r.args.batch_size, progress=False)
-            out.update(probe_acc=probe["acc"], probe_ppl=probe["ppl"], probe_n=probe["n"])
+            scored, _ = eval_.score_lambada(r.student, r.tok, r.probe, r.args.batch_size, progress=False)
+            out.update(probe_acc=scored["acc"], probe_ppl=scored["ppl"], probe_n=scored["n"])
     r.student.train()
     r.timing["eval_s"] += time.time() - t0
     out["tokens"] = int(r.held.valid.sum())
@@ -449,7 +449,7 @@ def finish(r):
                         "measure": "cuda max allocated" if "cuda" in r.s_dev else "process max RSS"},
         student_before=r.before, student_after=after, teacher=teacher, eval_split=args.eval_split,
         eval_tokens=after["tokens"], val_loss=after["loss"], val_ppl=after["ppl"],
-        **{f"val_{kl}": after.get(kl)}, teacher_val_loss=teacher.get("loss"))
+        **({f"val_{kl}": after[kl]} if kl in after else {}), teacher_val_loss=teacher.get("loss"))
     common.atomic_json(os.path.join(args.out_dir, "summary.json"), summary)  # last: marks the run done
     if os.path.exists(r.ckpt_path):
         os.remove(r.ckpt_path)
