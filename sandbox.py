@@ -21,6 +21,7 @@ What `build` does (each step skips if its output exists; outputs are written ato
 Sizes and budgets are in SCALES; `--scale toy` builds a pair in seconds (the tests use it).
 """
 import argparse
+import glob
 import hashlib
 import json
 import os
@@ -227,6 +228,7 @@ def study(out_dir="out/sandbox", matrices=STUDY, seeds=None, log=print):
     two tables, e.g. Full KD and k = 1.0, runs once and is copied), then one table per matrix with
     per-seed paired differences to Full KD (report.py). Rerunning resumes: finished runs are skipped."""
     import report
+    import study as study_  # here, not at the top: config imports this module, and study imports config
     for m in matrices:
         cmd = [sys.executable, os.path.join(HERE, "train.py"), "--preset", "sandbox", "--matrix", m,
                "--out-dir", out_dir, "--no-save-model"] + (["--seeds", seeds] if seeds else [])
@@ -234,10 +236,8 @@ def study(out_dir="out/sandbox", matrices=STUDY, seeds=None, log=print):
         res = subprocess.run(cmd, cwd=HERE)
         if res.returncode != 0:
             raise common.UserError(f"sandbox --study: train.py --matrix {m} failed (exit {res.returncode})")
-    import glob
     base = sorted(glob.glob(os.path.join(out_dir, "full_kd", "seed*")))
     for m in matrices:
-        import study as study_
         names = [name for name, _ in study_.MATRICES[m]]
         dirs = base + [d for name in names if name != "full_kd"
                        for d in sorted(glob.glob(os.path.join(out_dir, name, "seed*")))]

@@ -7,6 +7,7 @@ forward). Reads the stdlib corpus (data.py), nothing else.
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -37,7 +38,7 @@ order = torch.randperm(len(train))
 while time.time() - t0 < budget and (step + 1) * args.batch_size <= len(train):
     frac = (time.time() - t0) / budget
     for g in opt.param_groups:
-        g["lr"] = args.lr * min(1.0, 20 * frac) * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(frac * 3.1416)).item()))
+        g["lr"] = args.lr * min(1.0, 20 * frac) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))  # warmup, cosine
     idx = order[step * args.batch_size:(step + 1) * args.batch_size]
     x, y = train.input_ids[idx], train.targets[idx]
     loss = torch.nn.functional.cross_entropy(student(x).logits[..., :V].flatten(0, 1), y.flatten(), ignore_index=-100)

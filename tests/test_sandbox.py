@@ -113,6 +113,13 @@ def test_probe_flag(toy, tmp_path):
     n = sum(1 for _ in open(p["probe"]))
     for when in ("student_before", "student_after"):
         assert s[when]["probe_n"] == n and 0.0 <= s[when]["probe_acc"] <= 1.0
+    # the untrained student's probe numbers equal eval.py's LAMBADA scorer run on it directly
+    import eval as eval_
+    student, tok = models.load_model(p["student"])
+    ref, _ = eval_.score_lambada(student, tok, [eval_.lambada_example(r) for r in eval_.read_jsonl(p["probe"])],
+                                 progress=False)
+    assert s["student_before"]["probe_acc"] == ref["acc"]
+    assert abs(s["student_before"]["probe_ppl"] - ref["ppl"]) < 1e-6 * ref["ppl"]
     assert s["teacher_loaded"] is True and s["student_after"]["kl_to_teacher"] > 0
 
 
