@@ -6,7 +6,7 @@ teach a student that already knows most of them?). The sandbox builds a pair in 
 from the Python standard library (present on every machine), with this project's own code:
 
     python sandbox.py                # build (or reuse) the pair under ~/.cache/nano-sekd/sandbox-v1 (~10 min)
-    python train.py --preset sandbox --k 0.2                 # one SE-KD run on the pair (~30 s)
+    python train.py --preset sandbox --k 0.2                 # one SE-KD run on the pair (~50 s)
     python sandbox.py --study        # build, then Tables 2-4 and the budget sweeps, 5 seeds (~54 min)
 
 What `build` does (each step skips if its output exists; outputs are written atomically):
