@@ -22,14 +22,17 @@ Bad input (a missing path, a directory without a model, a hub id neither cached 
 device this machine lacks, a bad --student-layers) is a one-line common.UserError naming the flag.
 """
 import copy
+import ctypes
+import functools
 import hashlib
 import importlib.util
 import inspect
 import math
 import os
-import shutil
 import re
 import resource
+import shutil
+import time
 
 import torch
 
@@ -280,6 +283,43 @@ def _is_cuda(device):
     return torch.device(device).type == "cuda" and torch.cuda.is_available()
 
 
+CPU_DTYPE_ENV = "NANO_SEKD_CPU_DTYPE"  # fp32 | bf16: fixes --dtype auto on a CPU (the tests pin fp32)
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_gemm_speedup(n=512, reps=3):
+    """fp32 time / bf16 time of an n x n x n GEMM on this CPU (best of reps, after a warm-up), measured
+    once per process: several x where the CPU has bf16 matrix units (AMX), ~0.01 where bf16 is emulated."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+
+    def best(x, y):
+        x @ y
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            x @ y
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    return best(a, b) / best(a.bfloat16(), b.bfloat16())
+
+
+def auto_bf16(device):
+    """(use bf16?, why) for --dtype auto: bf16 on a GPU; on a CPU only where its bf16 GEMM is clearly
+    faster than fp32 (>= 1.5x, bf16_gemm_speedup), since bf16 autocast there only pays off with bf16
+    matrix units. $NANO_SEKD_CPU_DTYPE (fp32 or bf16) overrides the measurement."""
+    if torch.device(device).type == "cuda":
+        return True, "a GPU"
+    fixed = os.environ.get(CPU_DTYPE_ENV)
+    if fixed:
+        if fixed not in ("fp32", "bf16"):
+            raise UserError(f"${CPU_DTYPE_ENV}={fixed!r}: use fp32 or bf16")
+        return fixed == "bf16", f"${CPU_DTYPE_ENV}={fixed}"
+    x = bf16_gemm_speedup()
+    return x >= 1.5, f"this CPU's bf16 GEMM runs {x:.2g}x as fast as fp32"
+
+
 def peak_memory(device):
     """Peak bytes: CUDA max allocated on a GPU, the process's peak RSS on CPU (what Table 16 compares).
 
@@ -310,6 +350,41 @@ def reset_peak_memory(device):
             f.write("5")
     except OSError:
         pass  # not Linux, or not allowed: peak_memory then reports the process's lifetime peak
+
+
+# -----------------------------------------------------------------------------
+# the CPU allocator: large logits chunks reuse the pages of the last one
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:  # not Linux/glibc (macOS, musl): nothing to tune
+        return None
+
+
+def keep_freed_memory():
+    """Keep freed heap memory in the process (CPU speed); True if it took effect (Linux glibc only).
+
+    glibc serves every block above its mmap threshold (32 MB at most; one (1024, V) fp32 logits chunk at
+    Qwen's V = 151,936 is 622 MB) with a fresh mmap and unmaps it on free, so the next chunk faults every
+    page back in, zero-filled by the kernel. On 2 cores that kernel time was most of a KD step at that
+    vocabulary (bench/selective_head.py --malloc glibc). With mmap off and trimming off, each chunk
+    reuses the last one's pages once the heap has settled (aligned blocks can leave gaps, so the heap may
+    hold a few chunks more than are live; the default run's peak RSS did not move: 2.62 GB vs 2.64).
+    Process-wide; trim_freed_memory() hands the kept pages back (train.py does before each run's peak
+    is reset, so peaks stay per run).
+    """
+    libc = _glibc()
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
+    return bool(libc and libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
+def trim_freed_memory():
+    """Return the heap's free pages to the OS (glibc malloc_trim), so RSS is live memory again."""
+    libc = _glibc()
+    if libc:
+        libc.malloc_trim(0)
 
 
 # -----------------------------------------------------------------------------

@@ -37,13 +37,17 @@ def setup(args, shared):
     ddp, rank, world, t_dev, s_dev = models.run_devices(args.teacher_device, args.student_device)
     # bf16: the teacher's weights in bf16; the student keeps fp32 master weights and runs under bf16
     # autocast, so small updates (lr 1e-5) are not rounded away as they would be in bf16 weights
-    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and torch.device(s_dev).type == "cuda")
+    # auto: bf16 on a GPU, and on a CPU only where bf16 GEMMs are clearly faster (bf16 matrix units)
+    bf16, why = (args.dtype == "bf16", "--dtype " + args.dtype) if args.dtype != "auto" else models.auto_bf16(s_dev)
     r = SimpleNamespace(args=args, shared=shared, ddp=ddp, rank=rank, world=world, master=rank == 0,
-                        t_dev=t_dev, s_dev=s_dev, bf16=bf16, t_dtype=torch.bfloat16 if bf16 else torch.float32,
+                        t_dev=t_dev, s_dev=s_dev, bf16=bf16, precision_why=why, t_dtype=torch.bfloat16 if bf16 else torch.float32,
                         timing=dict(scoring_s=0.0, cache_s=0.0, train_s=0.0, eval_s=0.0, load_s=0.0),
                         t_start=time.time(), teacher=None, config_key=study.config_key(args))
     r.log = print if r.master else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
+    if "cpu" in {torch.device(t_dev).type, torch.device(s_dev).type}:
+        models.keep_freed_memory()  # (c, V) logits chunks reuse pages instead of faulting them in again
+        models.trim_freed_memory()  # what the previous run of a matrix kept is not counted in this one's peak
     for dev in {t_dev, s_dev}:
         models.reset_peak_memory(dev)  # each run of a matrix reports its own peak
     if r.master:
@@ -241,11 +245,11 @@ def prepare_training(r):
         common.atomic_json(os.path.join(args.out_dir, "config.json"), dict(
             vars(args), config_key=r.config_key, git_hash=common.git_hash(), student_layers_kept=r.keep,
             world_size=r.world, global_batch_seqs=r.global_batch, devices=dict(teacher=r.t_dev, student=r.s_dev),
-            precision="bf16 autocast, fp32 master weights" if r.bf16 else "fp32"))
+            precision=("bf16 autocast, fp32 master weights" if r.bf16 else "fp32") + f" ({r.precision_why})"))
     r.log(f"run: {args.teacher or 'no teacher (plain CE)'} -> {args.student or f'its layers {args.student_layers}'} | "
           f"{len(r.train)} train / {len(r.held)} {args.eval_split} seqs of {args.seq_len} | k {args.k} "
           f"{args.policy} {args.pos_metric} | U {args.rs_u or '-'} | {args.loss} | "
-          f"{'bf16 autocast (fp32 master)' if r.bf16 else 'fp32'} | teacher {r.t_dev}, student {r.s_dev} | "
+          f"{'bf16 autocast (fp32 master)' if r.bf16 else 'fp32'} ({r.precision_why}) | teacher {r.t_dev}, student {r.s_dev} | "
           f"global batch {args.batch_size} x {args.grad_accum} x {r.world} processes = {r.global_batch} seqs | "
           f"{r.max_steps} steps")
 

