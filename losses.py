@@ -51,15 +51,18 @@ The LM head is the memory hog: (B, T, V) fp32 logits for a 150k vocabulary are ~
    rows only (h[m]), and head_loss computes teacher logits (no grad) and student logits for
    `chunk_size` rows at a time. It is a custom autograd.Function that computes the gradient of
    each chunk w.r.t. its logits right away in the forward pass and folds it into grad_h
-   (N, d) and grad_W (V, d); so nothing of size (chunk, V) survives a chunk, and backward is
-   just a rescale. No (B, T, V) tensor exists for the student or the teacher in a step (the
-   trunks still run on all tokens). Full KD (k = 100%) is the same call with every valid row
-   selected: this is the chunked dense path.
+   (N, d) and grad_W (V, d); so nothing of size (chunk, V) outlives the call (its logits
+   buffers are reused chunk after chunk), and backward is just a rescale. No (B, T, V) tensor
+   exists for the student or the teacher in a step (the trunks still run on all tokens). Full
+   KD (k = 100%) is the same call with every valid row selected: this is the chunked dense
+   path. For forward KL (dense or RS-KD; losses marked `forward_kl`) and CE, the chunk's
+   gradient is written in closed form, tau (q - p) and softmax(z) - onehot(y), over the logits
+   buffer itself (`_forward_kl_ce_grad`); other losses go through autograd.
 
-Numerics: every softmax is a log_softmax in fp32 (bf16/fp16 inputs are upcast after the head
-matmul, which runs in the model's dtype like the model's own head would); terms p log p with
-p = 0 are exactly 0, so -inf logits (masked vocabulary) never produce NaN. A row needs at
-least one finite logit.
+Numerics: every softmax is in fp32, a log_softmax or (closed forms) exp(z - max) / sum (bf16/fp16
+inputs are upcast after the head matmul, which runs in the model's dtype like the model's own
+head would); terms p log p with p = 0 are exactly 0, so -inf logits (masked vocabulary) never
+produce NaN. A row needs at least one finite logit.
 """
 from __future__ import annotations
 
@@ -107,14 +110,49 @@ def _logsumexp(x):
     return torch.where(ok.squeeze(-1), out, float("-inf"))
 
 
+def _row_blocks(n, V, device):
+    """(r0, r1) blocks of rows for elementwise passes over (n, V): <= 8M elements each on the CPU, where
+    block-sized temporaries are cheaper than fresh (n, V) ones (those are paid for in page faults, about a
+    pass's time each) and few blocks keep the number of parallel regions small (each one a thread
+    barrier, costly when the cores are shared); all rows at once on other devices."""
+    step = max(1, (1 << 23) // max(1, V)) if device.type == "cpu" else max(1, n)
+    return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def _entropy_where(lq):
+    """-sum_v q(v) lq(v) from log-probs, 0 log 0 = 0: entropy's exact form (and its autograd path)."""
+    q = lq.exp()
+    return -(q * torch.where(q > 0, lq, 0.0)).sum(-1)
+
+
 def entropy(logits, temperature=1.0):
     """Shannon entropy H(softmax(logits / tau)) = -sum_v q(v) log q(v) in nats, fp32.
 
     logits (..., V) -> (...). Classes with -inf logits contribute 0 (0 log 0 = 0).
+    Without grad (scoring) it is computed as, with z = logits / tau, m = max_v z, e = exp(z - m), s = sum_v e,
+        H = log s - sum_v e (z - m) / s
+    in blocks of rows (_row_blocks): fewer passes than log_softmax -> exp -> where -> mul -> sum, no
+    temporary beyond a block, and more accurate (torch's CPU fp32 log_softmax is ~1e-4 off at V = 150k).
+    A row where that is NaN (a -inf logit gives 0 * -inf; also rows with no finite logit) is redone in
+    the exact form (_entropy_where), so such rows come out as they always did. With grad: the exact form.
     """
-    lq = log_probs(logits, temperature)
-    q = lq.exp()
-    return -(q * torch.where(q > 0, lq, 0.0)).sum(-1)
+    if (torch.is_grad_enabled() and logits.requires_grad) or logits.shape[-1] == 0:
+        return _entropy_where(log_probs(logits, temperature))
+    _check_temperature(temperature)
+    x = logits.reshape(-1, logits.shape[-1])  # (n, V)
+    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    for r0, r1 in _row_blocks(*x.shape, x.device):
+        z = x[r0:r1].float()
+        if temperature != 1.0:
+            z = z / temperature
+        zm = z - z.amax(-1, keepdim=True)  # (r, V) <= 0
+        e = zm.exp()
+        s = e.sum(-1)
+        out[r0:r1] = s.log() - e.mul_(zm).sum(-1) / s
+    bad = out.isnan()
+    if bad.any():
+        out[bad] = _entropy_where(log_probs(x[bad], temperature))
+    return out.reshape(logits.shape[:-1])
 
 
 @torch.no_grad()
@@ -171,6 +209,8 @@ def weighted_kd(student_logits, teacher_logits, targets=None, temperature=1.0):
 
 
 weighted_kd.policy = "weighted"  # read by policy_for
+# forward KL: RS-KD can stand in for it (supports_rs_kd), head_loss has its gradient in closed form
+kl_per_position.forward_kl = weighted_kd.forward_kl = True
 
 
 def ce_per_position(student_logits, teacher_logits, targets, temperature=1.0):
@@ -431,13 +471,14 @@ class _FusedHead(torch.autograd.Function):
     grad_h[chunk] = g @ W and grad_W += g^T @ h[chunk]; the chunk's (c, V) tensors die
     there. backward only multiplies the stored grad_h (N, d) and grad_W (V, d, fp32) by the
     incoming scalar gradient. (Same memory as recomputing each chunk in backward with
-    torch.utils.checkpoint, without computing the logits twice.)
+    torch.utils.checkpoint, without computing the logits twice.) d loss / d logits comes from
+    chunk_grad when given (a closed form, see _forward_kl_ce_grad), else from autograd.
     """
 
     @staticmethod
-    def forward(ctx, h, W, chunk_loss, chunk_size):
+    def forward(ctx, h, W, chunk_loss, chunk_size, chunk_grad=None):
         need_h, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        total, gh, gW = _run_chunks(h, W, chunk_loss, chunk_size, need_h, need_W)
+        total, gh, gW = _run_chunks(h, W, chunk_loss, chunk_size, need_h, need_W, chunk_grad)
         ctx.w_dtype = W.dtype
         ctx.save_for_backward(gh, gW)
         return total
@@ -448,36 +489,145 @@ class _FusedHead(torch.autograd.Function):
         if bool(grad_out != 1):  # a loss scaled before backward (e.g. / grad_accum); 1 needs no copy
             gh = None if gh is None else gh * grad_out.to(gh.dtype)
             gW = None if gW is None else gW * grad_out
-        return gh, None if gW is None else gW.to(ctx.w_dtype), None, None  # .to: a no-op for fp32 heads
+        return gh, None if gW is None else gW.to(ctx.w_dtype), None, None, None  # .to: no-op for fp32 heads
 
 
-def _run_chunks(h, W, chunk_loss, chunk_size, need_h=False, need_W=False):
-    """Sum chunk_loss(i0, i1, logits_fp32) over row chunks; optionally its grads wrt h and W."""
+def _logits(h, W, out=None):
+    """(h @ W^T).float(): the matmul in the weights' dtype (as the model's head), fp32 logits (c, V);
+    written into `out` (an fp32 buffer reused across chunks) when given."""
+    if out is None:
+        return (h @ W.T).float()
+    if W.dtype == torch.float32:
+        return torch.matmul(h, W.T, out=out)
+    return out.copy_(h @ W.T)
+
+
+def _run_chunks(h, W, chunk_loss, chunk_size, need_h=False, need_W=False, chunk_grad=None):
+    """Sum chunk_loss(i0, i1, logits_fp32) over row chunks; optionally its grads wrt h and W.
+
+    The grad wrt a chunk's logits: chunk_grad(i0, i1, z) -> (loss, g) when given (it may overwrite z, a
+    buffer shared by all chunks) unless it returns None; else autograd through chunk_loss.
+    """
     N = h.shape[0]
     Wd, hd = W.detach(), h.detach()
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     gh = torch.zeros_like(hd) if need_h else None  # (N, d)
-    gW = torch.zeros(W.shape, dtype=torch.float32, device=W.device) if need_W else None  # (V, d)
+    gW = None  # (V, d) fp32, from the first chunk's grad (no zero-filled (V, d) pass)
+    buf = None  # (chunk, V) fp32: chunk_grad's logits, then their grad
     for i0 in range(0, N, chunk_size):
         i1 = min(N, i0 + chunk_size)
         hc = hd[i0:i1]  # (c, d)
-        z = (hc @ Wd.T).float()  # (c, V): the only student logits alive
         if need_h or need_W:
-            z.requires_grad_(True)
-            with torch.enable_grad():
-                loss = chunk_loss(i0, i1, z)
-                (g,) = torch.autograd.grad(loss, z, allow_unused=True)
+            done = None
+            if chunk_grad is not None:
+                if buf is None:
+                    buf = torch.empty(min(N, chunk_size), Wd.shape[0], dtype=torch.float32, device=Wd.device)
+                done = chunk_grad(i0, i1, _logits(hc, Wd, buf[:i1 - i0]))  # the only student logits alive
+            if done is not None:
+                loss, g = done
+            else:
+                z = _logits(hc, Wd).requires_grad_(True)  # (c, V)
+                with torch.enable_grad():
+                    loss = chunk_loss(i0, i1, z)
+                    (g,) = torch.autograd.grad(loss, z, allow_unused=True)
+                del z
             if g is not None:
                 g = g.to(Wd.dtype)  # (c, V), same cast autograd does for logits.float()
                 if need_h:
                     gh[i0:i1] = g @ Wd
-                if need_W:
-                    gW.addmm_(g.T.float(), hc.float())  # accumulate in fp32, no (V, d) temporary
-            del z, g
+                if need_W:  # accumulate in fp32, no (V, d) temporary
+                    gW = g.T.float() @ hc.float() if gW is None else gW.addmm_(g.T.float(), hc.float())
+            del g
         else:
-            loss = chunk_loss(i0, i1, z)
+            loss = chunk_loss(i0, i1, _logits(hc, Wd))
         total += loss.detach()
+    if need_W and gW is None:
+        gW = torch.zeros(W.shape, dtype=torch.float32, device=W.device)
     return total, gh, gW
+
+
+def _forward_kl_ce_grad(z, y, kd_coef, ce_coef, temperature, teacher_logits=None, ids=None, probs=None):
+    """One chunk of head_loss in closed form: sum_n a_n kd_n + b_n ce_n and its gradient wrt z, no autograd.
+
+    kd_n = tau^2 KL(p_n || q_n), forward KL with q = softmax(z / tau): against a dense teacher
+    (teacher_logits (c, V), as kl_per_position) or RS-KD's sparse one (ids, probs (c, U), as rs_kd_loss);
+    ce_n = -log softmax(z)(y_n) at tau = 1 (ce_per_position). a_n, b_n are kd_coef, ce_coef (c,) where
+    > 0, else 0 (kd_coef / ce_coef None: that term is off). The gradient autograd gets through log_softmax:
+        d/dz tau^2 KL(p || q) = tau (S q - p)        S = sum_v p(v): 1 dense, sum_u p~_u RS-KD
+        d/dz CE(z, y)         = softmax(z) - onehot(y)
+    z (c, V) fp32 is overwritten with that gradient, teacher_logits with scratch; the passes run over
+    blocks of rows (_row_blocks), so temporaries stay block-sized. Returns (total, g = z), or None where
+    autograd must decide: a row with no finite max logit, or a NaN total (a teacher class with p = 0,
+    a -inf logit, gives 0 * -inf in the dense KL here; kl_per_position's `where` gives 0).
+    """
+    c, V = z.shape
+    tau = temperature
+    a = None if kd_coef is None else torch.where(kd_coef > 0, kd_coef, 0.0)  # (c,)
+    b = None if ce_coef is None else torch.where(ce_coef > 0, ce_coef, 0.0)
+    kd, ce = z.new_zeros(c), z.new_zeros(c)
+    for r0, r1 in _row_blocks(c, V, z.device):
+        zb, yb = z[r0:r1], y[r0:r1, None]  # (r, V), (r, 1)
+        q_coef = z.new_zeros(r1 - r0)  # g = q_coef * q + ...
+        if b is not None:
+            if tau != 1.0:  # CE needs softmax(z) at tau = 1 besides q
+                e1 = zb - zb.amax(-1, keepdim=True)  # (r, V)
+                ce[r0:r1] = -e1.gather(-1, yb).squeeze(-1)
+                s1 = e1.exp_().sum(-1)  # e1 = s1 softmax(z)
+                ce[r0:r1] += s1.log()
+            else:
+                q_coef += b[r0:r1]
+        if tau != 1.0:
+            zb.div_(tau)
+        m = zb.amax(-1, keepdim=True)
+        if not torch.isfinite(m).all():
+            return None
+        zb.sub_(m)  # z' = z / tau - max: log q = z' - log s
+        zy = zb.gather(-1, yb).squeeze(-1)
+        if a is not None and teacher_logits is not None:  # dense teacher: log p = t' - log st
+            tb = teacher_logits[r0:r1]
+            if tau != 1.0:
+                tb.div_(tau)
+            mt = tb.amax(-1, keepdim=True)
+            if not torch.isfinite(mt).all():
+                return None
+            et = tb.sub_(mt).exp()  # (r, V) = st p
+            st = et.sum(-1)
+            cross = tb.sub_(zb).mul_(et).sum(-1) / st  # sum_v p (t' - z')
+        elif a is not None:  # RS-KD: the sampled classes' z', before zb becomes exp(z')
+            pr = probs[r0:r1].float()
+            keep = pr > 0
+            pr_keep = torch.where(keep, pr, 0.0)
+            z_ids = zb.gather(-1, ids[r0:r1])
+        s = zb.exp_().sum(-1)  # zb = s q
+        ls = s.log()
+        if b is not None and tau == 1.0:
+            ce[r0:r1] = ls - zy
+        if a is not None:
+            ar = a[r0:r1] * tau  # KD's grad is ar (S q - p)
+            if teacher_logits is not None:
+                kd[r0:r1] = (cross - st.log() + ls) * tau ** 2
+                q_coef += ar
+            else:  # rs_kd_loss's value, term by term
+                lq = z_ids - ls[:, None]
+                diff = torch.where(keep, pr.clamp_min(1e-38).log(), 0.0) - torch.where(keep, lq, 0.0)
+                kd[r0:r1] = (pr * diff).sum(-1) * tau ** 2
+                q_coef += ar * pr_keep.sum(-1)
+        zb.mul_((q_coef / s)[:, None])  # q_coef * q
+        if a is not None and teacher_logits is not None:
+            zb.addcmul_(et, (-ar / st)[:, None])  # - ar p
+        elif a is not None:
+            zb.scatter_add_(-1, ids[r0:r1], -ar[:, None] * pr_keep)  # - ar p~ (a repeated id adds up)
+        if b is not None:
+            if tau != 1.0:
+                zb.addcmul_(e1, (b[r0:r1] / s1)[:, None])  # + b softmax(z)
+            zb.scatter_add_(-1, yb, -b[r0:r1, None])  # - b onehot(y)
+    # `where`, not a product, so a 0-weight row with an infinite loss adds nothing (as chunk_loss)
+    total = z.new_zeros(())
+    if a is not None:
+        total = total + torch.where(kd_coef > 0, kd_coef * kd, 0.0).sum()
+    if b is not None:
+        total = total + torch.where(ce_coef > 0, ce_coef * ce, 0.0).sum()
+    return None if torch.isnan(total) else (total, z)
 
 
 def _check_head_inputs(student_hidden, student_head, targets, weights, teacher, loss, lam, chunk_size):
@@ -552,10 +702,10 @@ def head_loss(student_hidden, student_head, targets, weights, teacher, loss="kl"
     N = student_hidden.shape[0]
     kd_fn = LOSSES[loss]
 
-    def teacher_chunk(i0, i1):  # (c, V) fp32 teacher logits, no grad
+    def teacher_chunk(i0, i1, out=None):  # (c, V) fp32 teacher logits, no grad (into out when given)
         with torch.no_grad():
             th = teacher.hidden[i0:i1].detach()
-            return (th @ teacher.head.detach().to(th.dtype).T).float()
+            return _logits(th, teacher.head.detach().to(th.dtype), out)
 
     w = weights.detach().float()
     kd_coef, ce_coef, hard = lam * w, (1 - lam) * w, None  # (N,), (N,)
@@ -582,8 +732,26 @@ def head_loss(student_hidden, student_head, targets, weights, teacher, loss="kl"
             out = out + torch.where(ce_coef[i0:i1] > 0, ce_coef[i0:i1] * ce, 0.0).sum()
         return out
 
+    t_buf = None  # (chunk, V) fp32 teacher logits, reused across chunks
+
+    def chunk_grad(i0, i1, z):  # forward KL / RS-KD + CE: (loss, d loss / d z) in closed form, or None
+        nonlocal t_buf
+        t = ids = probs = None
+        if lam > 0 and isinstance(teacher, SparseTeacher):
+            ids, probs = teacher.ids[i0:i1], teacher.probs[i0:i1]
+        elif lam > 0:
+            if t_buf is None:
+                t_buf = torch.empty(min(N, chunk_size), z.shape[1], dtype=torch.float32,
+                                    device=teacher.hidden.device)
+            t = teacher_chunk(i0, i1, t_buf[:i1 - i0])
+        return _forward_kl_ce_grad(z, targets[i0:i1], kd_coef[i0:i1] if lam > 0 else None,
+                                   ce_coef[i0:i1] if lam < 1 else None, temperature, t, ids, probs)
+
+    # the gradient in closed form for forward KL (marked `forward_kl`; RS-KD estimates it) and CE
+    closed = lam == 0 or isinstance(teacher, SparseTeacher) or getattr(kd_fn, "forward_kl", False)
     if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad):
-        return _FusedHead.apply(student_hidden, student_head, chunk_loss, chunk_size)
+        return _FusedHead.apply(student_hidden, student_head, chunk_loss, chunk_size,
+                                chunk_grad if closed else None)
     return _run_chunks(student_hidden, student_head, chunk_loss, chunk_size)[0]
 
 
@@ -597,7 +765,7 @@ def policy_for(loss_name, policy):
 
 def supports_rs_kd(loss_name):
     """Whether --loss loss_name can train on a sparse RS-KD target (rs_kd_loss estimates forward KL)."""
-    return LOSSES.get(loss_name) in (kl_per_position, weighted_kd)
+    return getattr(LOSSES.get(loss_name), "forward_kl", False)
 
 
 # `--loss NAME`: fn(student_logits, teacher_logits, targets, temperature=1.0) -> (N,) fp32.

@@ -267,6 +267,43 @@ def test_entropy_and_chunked_entropy_match_dense():
     assert L.log_probs(logits.bfloat16()).dtype == torch.float32
 
 
+def _entropy64(x, T=1.0):
+    """The entropy's defining formula in fp64, 0 log 0 = 0 (NaN for a row with no finite logit)."""
+    lq = torch.log_softmax(x.double() / T, -1)
+    q = lq.exp()
+    return -(q * torch.where(q > 0, lq, 0.0)).sum(-1)
+
+
+def test_entropy_without_grad_matches_the_definition(monkeypatch):
+    # without grad, entropy takes a shortcut (log s - sum_v e (z - m) / s over blocks of rows); it must keep
+    # 0 log 0 = 0 for -inf logits, NaN for a row with no finite logit, tau, bf16, and every block boundary
+    monkeypatch.setattr(L, "_row_blocks", lambda n, V, device: [(i, min(n, i + 3)) for i in range(0, n, 3)])
+    x = _logits(2, 5, 257, seed=24, scale=6.0)
+    x[0, 1, 5:] = float("-inf")  # a masked vocabulary
+    x[1, 2] = float("-inf")  # no finite logit
+    x[1, 3, :] = float("-inf")
+    x[1, 3, 7] = 0.0  # one-hot
+    for T in (1.0, 0.7, 3.0):
+        got = L.entropy(x, T)
+        assert got.shape == (2, 5) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), _entropy64(x, T), atol=2e-6, rtol=1e-6, equal_nan=True)
+    assert torch.isnan(L.entropy(x)[1, 2]) and L.entropy(x)[1, 3].item() == 0.0
+    xb = x.bfloat16()
+    torch.testing.assert_close(L.entropy(xb, 2.0), L.entropy(xb.float(), 2.0), equal_nan=True)
+    # the gradient path (exact form) still works and agrees
+    s = x[0].clone().requires_grad_(True)
+    H = L.entropy(s, 1.5)
+    (g,) = torch.autograd.grad(H.sum(), s)
+    assert not torch.isnan(g).any()
+    torch.testing.assert_close(H.detach(), L.entropy(x[0], 1.5), atol=2e-6, rtol=1e-6)
+
+
+def test_entropy_accuracy_against_fp64():
+    # a wide vocabulary: the shortcut stays within 2e-6 nats of fp64 (fp32 log_softmax drifts further)
+    x = _logits(4, 40000, seed=25, scale=4.0)
+    assert (L.entropy(x).double() - _entropy64(x)).abs().max() < 2e-6
+
+
 # ----------------------------------------------------------------------------- head_loss
 
 def _rows(N=23, d=8, dt=5, V=31, seed=30, dtype=torch.float32):
@@ -435,6 +472,123 @@ def test_head_loss_no_grad_path_matches():
         no_grad = L.head_loss(h, W, y, w, L.DenseTeacher(ht, Wt), loss="dkd", lam=0.5, chunk_size=6)
     assert no_grad.grad_fn is None
     torch.testing.assert_close(no_grad, with_grad.detach())
+
+
+def _chunk_by_autograd(z, y, kd_coef, ce_coef, T, t=None, ids=None, probs=None):
+    """head_loss's chunk_loss (where-weighted forward KL or RS-KD plus CE) and its grad wrt z, by autograd."""
+    z = z.clone().requires_grad_(True)
+    out = z.new_zeros(())
+    if kd_coef is not None:
+        kd = L.kl_per_position(z, t, y, T) if ids is None else L.rs_kd_loss(z, ids, probs, T)
+        out = out + torch.where(kd_coef > 0, kd_coef * kd, 0.0).sum()
+    if ce_coef is not None:
+        out = out + torch.where(ce_coef > 0, ce_coef * L.ce_per_position(z, None, y), 0.0).sum()
+    (g,) = torch.autograd.grad(out, z)
+    return out.detach(), g
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+@pytest.mark.parametrize("T", [1.0, 0.5, 2.5])
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+def test_closed_form_chunk_matches_autograd(monkeypatch, kind, T, lam):
+    # d/dz tau^2 KL(p || softmax(z / tau)) = tau (S q - p), d/dz CE = softmax(z) - onehot(y): value and grad
+    # of a chunk as autograd gets them, incl. weight-0 rows with an infinite loss and classes with p = 0
+    monkeypatch.setattr(L, "_row_blocks", lambda n, V, device: [(i, min(n, i + 4)) for i in range(0, n, 4)])
+    c, V = 11, 97
+    z, t = _logits(c, V, seed=80, scale=3.0), _logits(c, V, seed=81, scale=3.0)
+    y = torch.randint(0, V, (c,), generator=_gen(82))
+    w = torch.rand(c, generator=_gen(83)) + 0.1
+    w[[2, 7]] = 0.0
+    w[10] = -0.5  # a weight <= 0 adds nothing either (chunk_loss's `where`)
+    z[2, 3] = float("-inf")  # q = 0 where p > 0: KL = inf on a weight-0 row, which must add nothing
+    z[7, y[7]] = float("-inf")  # CE = inf on a weight-0 row
+    z[5, 40:50] = -1e4  # q underflows to 0 on a kept row
+    t[4, 10:20] = -1e4  # p = 0 (finite logits)
+    ids = probs = None
+    if kind == "sparse":
+        ids, probs = _sparse(t, 6, seed=84, temperature=T)
+        ids = torch.cat([ids, torch.full((c, 2), 3)], 1)  # padding (prob 0), at row 2's -inf logit too
+        probs = torch.cat([probs, torch.zeros(c, 2)], 1)
+        probs[1] *= 0.75  # rs_kd_loss takes any probs: its grad is tau (S q - p~) with S = sum p~ = 0.75 here
+    kd_coef = lam * w if lam > 0 else None
+    ce_coef = (1 - lam) * w if lam < 1 else None
+    t_dense = t.clone() if kind == "dense" else None  # overwritten, as z
+    got = L._forward_kl_ce_grad(z.clone(), y, kd_coef, ce_coef, T, t_dense, ids, probs)
+    assert got is not None
+    ref = _chunk_by_autograd(z, y, kd_coef, ce_coef, T, t, ids, probs)
+    torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], ref[1], atol=1e-6, rtol=1e-5)
+    assert torch.isfinite(got[0]) and torch.equal(got[1][[2, 7, 10]], torch.zeros(3, V))
+    assert got[1].abs().max() > 0.01
+
+
+def test_closed_form_leaves_masked_teacher_vocab_to_autograd():
+    # a -inf teacher logit (p = 0) is 0 * -inf in the closed form's KL: it says so (None), and head_loss then
+    # takes autograd for that chunk, which gives the dense reference
+    z, t = _logits(3, 20, seed=85), _logits(3, 20, seed=86)
+    t[1, 4] = float("-inf")
+    y, w = torch.tensor([1, 2, 3]), torch.ones(3)
+    assert L._forward_kl_ce_grad(z.clone(), y, w, None, 1.0, t.clone()) is None
+    h, W, ht, Wt, y, w = _rows(V=41)
+    Wt, ht = Wt.clone(), ht.clone()
+    Wt[7] = 0.0
+    Wt[7, 0] = float("-inf")  # teacher logit of class 7 is -inf on every row with ht[:, 0] > 0
+    ht[:, 0] = ht[:, 0].abs() + 0.1
+    got = L.head_loss(h, W, y, w, L.DenseTeacher(ht, Wt), temperature=2.0, lam=0.5, chunk_size=5)
+    ref = _dense_head_loss(h, W, y, w, ht @ Wt.T, "kl", 2.0, 0.5)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, [h, W]), torch.autograd.grad(ref, [h, W])):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("teacher_kind,loss", [("dense", "kl"), ("dense", "weighted"), ("sparse", "kl")])
+@pytest.mark.parametrize("T", [1.0, 0.5, 2.5])
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+def test_head_loss_closed_form_matches_autograd_path(monkeypatch, teacher_kind, loss, T, lam):
+    # the fused head's closed form vs its autograd path (the closed form switched off) vs the dense reference:
+    # the value and the grads of h and W
+    h, W, ht, Wt, y, w = _rows(V=211)
+    w[[0, 9]] = 0.0  # weight-0 rows add nothing
+    if teacher_kind == "dense":
+        teacher = L.DenseTeacher(ht, Wt)
+    else:
+        ids, probs = _sparse(ht @ Wt.T, 8, seed=87, temperature=T)
+        teacher = L.SparseTeacher(ids, probs)
+    closed, calls = L._forward_kl_ce_grad, []
+    monkeypatch.setattr(L, "_forward_kl_ce_grad", lambda *a: calls.append(1) or closed(*a))
+
+    def run():
+        out = L.head_loss(h, W, y, w, teacher, loss=loss, temperature=T, lam=lam, chunk_size=7)
+        return (out, *torch.autograd.grad(out, [h, W]))
+
+    got = run()
+    assert len(calls) == 4  # ceil(23 / 7) chunks, every one in closed form
+    monkeypatch.setattr(L, "_forward_kl_ce_grad", lambda *a: None)  # autograd for every chunk
+    by_autograd = run()
+    s = h @ W.T
+    if teacher_kind == "dense":
+        dense = _dense_head_loss(h, W, y, w, ht @ Wt.T, loss, T, lam)
+    else:
+        ce = F.cross_entropy(s, y, reduction="none")
+        dense = (w * (lam * L.rs_kd_loss(s, ids, probs, T) + (1 - lam) * ce)).sum()
+    dense = (dense, *torch.autograd.grad(dense, [h, W]))
+    for a, b, c in zip(got, by_autograd, dense):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+    assert got[2].abs().max() > 1e-3 and torch.equal(got[1][[0, 9]], torch.zeros(2, h.shape[1]))
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "dkd", "atkd"])
+def test_head_loss_closed_form_only_for_forward_kl(monkeypatch, loss):
+    # any loss not marked forward_kl goes through autograd; forward KL, RS-KD and pure CE (lam = 0) do not
+    calls = []
+    monkeypatch.setattr(L, "_forward_kl_ce_grad", lambda *a: calls.append(1))  # None: autograd decides
+    h, W, ht, Wt, y, w = _rows()
+    L.head_loss(h, W, y, w, L.DenseTeacher(ht, Wt), loss=loss, lam=0.5, chunk_size=5).backward()
+    assert not calls and not getattr(L.LOSSES[loss], "forward_kl", False)
+    L.head_loss(h, W, y, w, L.DenseTeacher(ht, Wt), loss=loss, lam=0.0, chunk_size=5).backward()
+    assert len(calls) == 5
+    assert L.kl_per_position.forward_kl and L.weighted_kd.forward_kl
 
 
 # ----------------------------------------------------------------------------- memory
