@@ -537,7 +537,7 @@ def worker_timing(a):
 
 SHAPE_DEFAULTS = {  # (B, T, reps) quick / full
     "a": {"quick": (1, 128, 3), "full": (2, 256, 5)},
-    "b": {"quick": (2, 128, 5), "full": (4, 128, 7)},
+    "b": {"quick": (4, 128, 3), "full": (4, 128, 7)},  # quick: B = 2 measured 0.79 (the trunk and AdamW dominate)
     "c": {"quick": (4, 512, 3), "full": (4, 512, 5)},
 }
 
@@ -621,8 +621,14 @@ def bench_shape(shape, a):
             print(f"  memory {v:14s} student {mem[v]['student_peak'] / MB:9.1f} MB  teacher "
                   f"{mem[v]['teacher_peak'] / MB:9.1f} MB", flush=True)
         res["isolated"] = a.isolate
-        # timing: the allocator a run has (train.py keeps freed pages; --malloc glibc: glibc's default)
-        tim = run_worker(common + ["--timing", "--reps", str(reps), "--malloc", a.malloc])
+        # timing: the allocator a run has (train.py keeps freed pages; --malloc glibc: glibc's default;
+        # both: a glibc-default worker first, for the allocator's own ratio)
+        if a.malloc == "both":
+            glibc = run_worker(common + ["--timing", "--reps", str(reps), "--malloc", "glibc"])
+            res["malloc_kept_vs_glibc"] = {"glibc_step_s": {v: statistics.median(t) for v, t in glibc["times"].items()}}
+        tim = run_worker(common + ["--timing", "--reps", str(reps), "--malloc", "glibc" if a.malloc == "glibc" else "keep"])
+        if a.malloc == "both":
+            res["malloc_kept_vs_glibc"]["kept_step_s"] = {v: statistics.median(t) for v, t in tim["times"].items()}
     res["memory"], res["timing"] = mem, tim
     res["wall_s"] = time.time() - t_start
     return res
@@ -709,8 +715,9 @@ def main(argv=None):
     p.add_argument("--T", type=int, help="override the sequence length of every shape")
     p.add_argument("--reps", type=int, help="timed steps per variant (median)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--malloc", choices=["keep", "glibc"], default="keep",
-                   help="timing allocator: keep = train.py's (models.keep_freed_memory), glibc = its default")
+    p.add_argument("--malloc", choices=["keep", "glibc", "both"], default="keep",
+                   help="timing allocator: keep = train.py's (models.keep_freed_memory), glibc = its default, "
+                        "both = time under each (RATIO malloc_kept_vs_glibc per variant)")
     p.add_argument("--out", help="save all numbers to this JSON file (atomic)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="one fresh process per variant for memory (default: on CPU without --quick)")
@@ -754,6 +761,10 @@ def main(argv=None):
     if all_ratios:
         print(targets_text(all_ratios))
     print()
+    for r in results:
+        for v, g in r.get("malloc_kept_vs_glibc", {}).get("glibc_step_s", {}).items():
+            k = r["malloc_kept_vs_glibc"]["kept_step_s"][v]
+            print(f"RATIO malloc_kept_vs_glibc@shape_{r['shape']} {v} = {k / g:.3f} (step {k:.3f} s kept, {g:.3f} s glibc)")
     for s, ratios in all_ratios.items():
         for name, (ours, base, v, *spread) in ratios.items():
             tag = name if s == "b" else f"{name}@shape_{s}"
