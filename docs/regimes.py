@@ -57,9 +57,12 @@ def train_ratio(runs, name):
     return f"{statistics.mean(r):.2f}" if r else "(same run)" if rows else "-"
 
 
-def table(far, near):
+def table(far, near, times=None, times_label=""):
+    """times: the run root the efficiency column comes from (default `near`), e.g. a study whose runs had
+    the cores to themselves when `near`'s shared them."""
+    times = near if times is None else times
     head = ["method", "sup. pos", "sup. samples", "far ΔKL", "far Δloss", "near ΔKL", "near Δloss",
-            "near Δprobe acc", "near Δprobe NLL", "near train time / Full KD", "seeds far / near"]
+            "near Δprobe acc", "near Δprobe NLL", f"near train time / Full KD{times_label}", "seeds far / near"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     seen = set()
     for name in ROWS:
@@ -72,7 +75,7 @@ def table(far, near):
             cell(far, name, METRICS["ΔKL"]), cell(far, name, METRICS["Δloss"]),
             cell(near, name, METRICS["ΔKL"]), cell(near, name, METRICS["Δloss"]),
             cell(near, name, METRICS["Δprobe acc"]), cell(near, name, METRICS["Δprobe NLL"]),
-            train_ratio(near, name),
+            train_ratio(times, name),
             f"{len(far.get(name, {}))} / {len(near.get(name, {}))}"]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -109,6 +112,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--far", help="run root of the far regime (tiny preset study)")
     ap.add_argument("--near", help="run root of the near regime (sandbox study)")
+    ap.add_argument("--times", help="run root for the train-time column (default: --near)")
+    ap.add_argument("--times-label", default="", help="--times: what to append to that column's header")
     ap.add_argument("--curve", nargs="+", help="runs made with --eval-every: print their held-out KL curves")
     ap.add_argument("--curve-png", help="--curve: also draw them here")
     ap.add_argument("--mark", type=float, help="--curve-png: a vertical line at this many tokens")
@@ -119,7 +124,8 @@ def main(argv=None):
         if args.curve_png:
             plot_curves(args.curve, args.curve_png, args.mark)
     if args.far and args.near:
-        sys.stdout.write(table(load(args.far), load(args.near)))
+        sys.stdout.write(table(load(args.far), load(args.near), load(args.times) if args.times else None,
+                               args.times_label))
 
 
 if __name__ == "__main__":
