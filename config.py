@@ -38,6 +38,7 @@ SAMPLE_METRICS = ["none", "student_entropy", "ce_ratio", "kl", "random"]
 MATRICES = ["table2", "table3", "table4", "table5", "core", "budget"]  # defined in study.py
 # flags that change where a run writes or what it is called, not its numbers (kept out of config_key)
 RUN_ONLY = ("out_dir", "run_name", "resume", "log_every", "eval_every", "ckpt_every", "save_model", "teacher_memo_gb",
+            "keep_freed_memory",
             "matrix", "seeds", "debug", "fresh")
 
 
@@ -103,6 +104,9 @@ def get_parser():
     g = p.add_argument_group("devices and runs").add_argument
     g("--teacher-device", help="one process: default cuda:0 (cpu without GPUs); not with torchrun")
     g("--student-device", help="one process: default cuda:1 with two GPUs, else the teacher's; not with torchrun")
+    g("--keep-freed-memory", action="store_true",
+      help="CPU: keep freed heap pages for reuse (glibc): a step at V = 151,936 ran 2.5x faster, but the "
+           "default run's peak RSS doubled (README Performance)")
     g("--out-dir", default="out/run", help="config.json, metrics.jsonl, summary.json, model/")
     g("--run-name", help="label of this configuration (grouping seeds in tables)")
     g("--resume", action="store_true", help="continue from out-dir/ckpt.pt of the same config (none: start fresh)")

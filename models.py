@@ -369,11 +369,11 @@ def keep_freed_memory():
     glibc serves every block above its mmap threshold (32 MB at most; one (1024, V) fp32 logits chunk at
     Qwen's V = 151,936 is 622 MB) with a fresh mmap and unmaps it on free, so the next chunk faults every
     page back in, zero-filled by the kernel. On 2 cores that kernel time was most of a KD step at that
-    vocabulary (bench/selective_head.py --malloc glibc). With mmap off and trimming off, each chunk
-    reuses the last one's pages once the heap has settled (aligned blocks can leave gaps, so the heap may
-    hold a few chunks more than are live; the default run's peak RSS did not move: 2.62 GB vs 2.64).
-    Process-wide; trim_freed_memory() hands the kept pages back (train.py does before each run's peak
-    is reset, so peaks stay per run).
+    vocabulary (bench/selective_head.py --malloc both). With mmap off and trimming off, each chunk
+    reuses the last one's pages once the heap has settled. The cost is memory: aligned blocks among small
+    ones leave gaps, so the heap holds several big blocks more than are live (the README's default run
+    peaked at 5.4 GB of RSS against 2.6 GB). Hence opt-in (train.py --keep-freed-memory). Process-wide;
+    trim_freed_memory() hands the kept pages back (train.py does before each run's peak is reset).
     """
     libc = _glibc()
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>

@@ -45,9 +45,9 @@ def setup(args, shared):
                         t_start=time.time(), teacher=None, config_key=study.config_key(args))
     r.log = print if r.master else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
-    if "cpu" in {torch.device(t_dev).type, torch.device(s_dev).type}:
+    if args.keep_freed_memory and "cpu" in {torch.device(t_dev).type, torch.device(s_dev).type}:
         models.keep_freed_memory()  # (c, V) logits chunks reuse pages instead of faulting them in again
-        models.trim_freed_memory()  # what the previous run of a matrix kept is not counted in this one's peak
+    models.trim_freed_memory()  # free pages the previous run of a matrix kept do not count in this one's peak
     for dev in {t_dev, s_dev}:
         models.reset_peak_memory(dev)  # each run of a matrix reports its own peak
     if r.master:

@@ -513,7 +513,7 @@ def worker_memory(a):
 
 def worker_timing(a):
     """All variants in one process, rotated order per round; per-variant step times (seconds) and
-    phases, under the allocator train.py uses (models.keep_freed_memory) unless --malloc glibc."""
+    phases, under train.py --keep-freed-memory's allocator (models.keep_freed_memory) unless --malloc glibc."""
     kept = a.malloc == "keep" and models.keep_freed_memory()
     c = make_ctx(a.shape, a.B, a.T, a.device, a.prep, a.k, a.chunk)
     for v in VARIANTS:  # warm-up
@@ -621,8 +621,8 @@ def bench_shape(shape, a):
             print(f"  memory {v:14s} student {mem[v]['student_peak'] / MB:9.1f} MB  teacher "
                   f"{mem[v]['teacher_peak'] / MB:9.1f} MB", flush=True)
         res["isolated"] = a.isolate
-        # timing: the allocator a run has (train.py keeps freed pages; --malloc glibc: glibc's default;
-        # both: a glibc-default worker first, for the allocator's own ratio)
+        # timing: keep = train.py --keep-freed-memory's allocator; glibc = glibc's default (train.py's);
+        # both: a glibc-default worker first, for the allocator's own ratio
         if a.malloc == "both":
             glibc = run_worker(common + ["--timing", "--reps", str(reps), "--malloc", "glibc"])
             res["malloc_kept_vs_glibc"] = {"glibc_step_s": {v: statistics.median(t) for v, t in glibc["times"].items()}}
@@ -716,7 +716,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, help="timed steps per variant (median)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--malloc", choices=["keep", "glibc", "both"], default="keep",
-                   help="timing allocator: keep = train.py's (models.keep_freed_memory), glibc = its default, "
+                   help="timing allocator: keep = train.py --keep-freed-memory's (models.keep_freed_memory), "
+                        "glibc = glibc's default (train.py's default), "
                         "both = time under each (RATIO malloc_kept_vs_glibc per variant)")
     p.add_argument("--out", help="save all numbers to this JSON file (atomic)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,

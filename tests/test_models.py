@@ -281,3 +281,11 @@ def test_cuda_devices_on_cpu_only_torch_are_clear():
     assert models.pick_devices() == ("cpu", "cpu")
     models.reset_peak_memory("cuda:0")  # never raises: falls back to the process's RSS peak
     assert models.peak_memory("cuda:0") > 0
+
+
+def test_keep_freed_memory_is_opt_in_and_run_only():
+    import config
+    import study
+    plain, kept = config.parse_args(["--k", "0.2"]), config.parse_args(["--k", "0.2", "--keep-freed-memory"])
+    assert not plain.keep_freed_memory and kept.keep_freed_memory
+    assert study.config_key(plain) == study.config_key(kept)  # speed only: a study reuses the same runs
