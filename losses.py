@@ -497,9 +497,9 @@ def _logits(h, W, out=None):
     written into `out` (an fp32 buffer reused across chunks) when given."""
     if out is None:
         return (h @ W.T).float()
-    if W.dtype == torch.float32:
+    if W.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
         return torch.matmul(h, W.T, out=out)
-    return out.copy_(h @ W.T)
+    return out.copy_(h @ W.T)  # under bf16 autocast the matmul runs in bf16, as the model's own head would
 
 
 def _run_chunks(h, W, chunk_loss, chunk_size, need_h=False, need_W=False, chunk_grad=None):
@@ -512,7 +512,7 @@ def _run_chunks(h, W, chunk_loss, chunk_size, need_h=False, need_W=False, chunk_
     Wd, hd = W.detach(), h.detach()
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     gh = torch.zeros_like(hd) if need_h else None  # (N, d)
-    gW = None  # (V, d) fp32, from the first chunk's grad (no zero-filled (V, d) pass)
+    gW = torch.zeros(W.shape, dtype=torch.float32, device=W.device) if need_W else None  # (V, d)
     buf = None  # (chunk, V) fp32: chunk_grad's logits, then their grad
     for i0 in range(0, N, chunk_size):
         i1 = min(N, i0 + chunk_size)
@@ -535,14 +535,12 @@ def _run_chunks(h, W, chunk_loss, chunk_size, need_h=False, need_W=False, chunk_
                 g = g.to(Wd.dtype)  # (c, V), same cast autograd does for logits.float()
                 if need_h:
                     gh[i0:i1] = g @ Wd
-                if need_W:  # accumulate in fp32, no (V, d) temporary
-                    gW = g.T.float() @ hc.float() if gW is None else gW.addmm_(g.T.float(), hc.float())
+                if need_W:  # accumulate in fp32 (in place, so bf16 autocast leaves it fp32), no (V, d) temporary
+                    gW.addmm_(g.T.float(), hc.float())
             del g
         else:
             loss = chunk_loss(i0, i1, _logits(hc, Wd))
         total += loss.detach()
-    if need_W and gW is None:
-        gW = torch.zeros(W.shape, dtype=torch.float32, device=W.device)
     return total, gh, gW
 
 
