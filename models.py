@@ -372,7 +372,7 @@ def keep_freed_memory():
     vocabulary (bench/selective_head.py --malloc both). With mmap off and trimming off, each chunk
     reuses the last one's pages once the heap has settled. The cost is memory: aligned blocks among small
     ones leave gaps, so the heap holds several big blocks more than are live (the README's default run
-    peaked at 5.4 GB of RSS against 2.6 GB). Hence opt-in (train.py --keep-freed-memory). Process-wide;
+    peaked at 5.4 GB of RSS against 2.7 GB). Hence opt-in (train.py --keep-freed-memory). Process-wide;
     trim_freed_memory() hands the kept pages back (train.py does before each run's peak is reset).
     """
     libc = _glibc()
