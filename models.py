@@ -286,23 +286,29 @@ def _is_cuda(device):
 CPU_DTYPE_ENV = "NANO_SEKD_CPU_DTYPE"  # fp32 | bf16: fixes --dtype auto on a CPU (the tests pin fp32)
 
 
+def gemm_seconds(n, dtype=torch.float32, reps=3, device="cpu"):
+    """Seconds of one n x n x n GEMM in `dtype` on `device`: the best of `reps` after a warm-up. The one
+    GEMM timer: --dtype auto (bf16_gemm_speedup) and the bench scripts' machine peak both read it.
+    Raises RuntimeError where that dtype's GEMM does not run on the device."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g, device=device).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if _is_cuda(device) else (lambda: None)
+    a @ b  # warm-up: kernel choice, first-touch pages
+    best = float("inf")
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 @functools.lru_cache(maxsize=None)
 def bf16_gemm_speedup(n=512, reps=3):
-    """fp32 time / bf16 time of an n x n x n GEMM on this CPU (best of reps, after a warm-up), measured
-    once per process: several x where the CPU has bf16 matrix units (AMX), ~0.01 where bf16 is emulated."""
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-
-    def best(x, y):
-        x @ y
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            x @ y
-            ts.append(time.perf_counter() - t0)
-        return min(ts)
-
-    return best(a, b) / best(a.bfloat16(), b.bfloat16())
+    """fp32 time / bf16 time of an n x n x n GEMM on this CPU (gemm_seconds), measured once per process:
+    several x where the CPU has bf16 matrix units (AMX), ~0.01 where bf16 is emulated."""
+    return gemm_seconds(n, torch.float32, reps) / gemm_seconds(n, torch.bfloat16, reps)
 
 
 def auto_bf16(device):

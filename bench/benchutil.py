@@ -6,6 +6,7 @@ import platform
 import torch
 
 import common
+import models
 
 
 def write_json(path, obj):
@@ -32,32 +33,17 @@ def sync(device):
 
 def matmul_peak(dtype=torch.float32, n=2048, reps=5, device="cpu", max_rep_s=2.0):
     """The machine's matmul throughput: (GFLOP/s, n) of an n x n x n GEMM (2 n^3 FLOPs) in `dtype`,
-    best of `reps` after a warm-up. n shrinks (halving, down to 512) while one GEMM would take more
-    than max_rep_s, so a dtype without fast kernels here (bf16 on a CPU without AVX512-BF16/AMX)
-    costs seconds, not minutes. (None, n) where the dtype's GEMM does not run on `device`."""
-    import time
-
-    def once(m, a, b):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        return time.perf_counter() - t0
-
-    g = torch.Generator(device=device).manual_seed(0)
+    best of `reps` after a warm-up (models.gemm_seconds). n shrinks (halving, down to 512) while one
+    GEMM would take more than max_rep_s, so a dtype without fast kernels here (bf16 on a CPU without
+    AVX512-BF16/AMX) costs seconds, not minutes. (None, n) where the dtype's GEMM does not run on `device`."""
+    m = 512  # the probe; a 256 probe mis-predicts under load (small GEMMs are slower per FLOP)
     try:
-        m = 512  # a 256 probe mis-predicts under load (small GEMMs are slower per FLOP)
-        a, b = (torch.randn(m, m, generator=g, device=device).to(dtype) for _ in range(2))
-        a @ b
-        t = once(m, a, b)
+        t = models.gemm_seconds(m, dtype, reps=1, device=device)
     except RuntimeError:
         return None, n
     while n > m and t * (n / m) ** 3 > max_rep_s:
         n //= 2
-    a, b = (torch.randn(n, n, generator=g, device=device).to(dtype) for _ in range(2))
-    a @ b
-    best = min(once(n, a, b) for _ in range(reps))
-    return 2 * n ** 3 / best / 1e9, n
+    return 2 * n ** 3 / models.gemm_seconds(n, dtype, reps, device) / 1e9, n
 
 
 def median_minmax(xs):

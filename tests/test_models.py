@@ -291,3 +291,16 @@ def test_keep_freed_memory_is_opt_in_and_run_only():
     plain, kept = config.parse_args(["--k", "0.2"]), config.parse_args(["--k", "0.2", "--keep-freed-memory"])
     assert not plain.keep_freed_memory and kept.keep_freed_memory
     assert study.config_key(plain) == study.config_key(kept)  # speed only: a study reuses the same runs
+
+
+def test_one_gemm_timer_feeds_the_bench_peak(monkeypatch):
+    """bench's machine peak reads models.gemm_seconds (no second timer): n^3 ns per GEMM is 2 GFLOP/s,
+    and n halves from 2048 until one GEMM fits max_rep_s (512^3 ns x 4^3 = 8.6 s > 2 s, x 2^3 = 1.1 s)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import benchutil
+    assert models.gemm_seconds(64, reps=2) > 0
+    monkeypatch.setattr(models, "gemm_seconds", lambda n, dtype=None, reps=1, device="cpu": n ** 3 * 1e-9)
+    gflops, n = benchutil.matmul_peak(n=2048, max_rep_s=2.0)
+    assert n == 1024 and gflops == pytest.approx(2.0)
+    monkeypatch.undo()
+    assert benchutil.matmul_peak(torch.bool) == (None, 2048)  # no bool GEMM on this device
