@@ -435,7 +435,6 @@ def expected_calibration_error(confidence, correct, n_bins=15):
     if conf.numel() == 0:
         return 0.0
     b = torch.clamp(torch.ceil(conf * n_bins).long() - 1, 0, n_bins - 1)
-    n = torch.bincount(b, minlength=n_bins).double()
     s_conf = torch.bincount(b, weights=conf, minlength=n_bins)
     s_corr = torch.bincount(b, weights=corr, minlength=n_bins)
     return float((s_conf - s_corr).abs().sum() / conf.numel())

@@ -1,5 +1,4 @@
 """Helpers shared by the bench scripts: the machine line and atomic JSON output."""
-import json
 import os
 import platform
 

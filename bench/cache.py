@@ -23,9 +23,7 @@ on the offline default data (SmolLM2-135M teacher over the stdlib corpus of data
 Prints a markdown table, then `RATIO <name> <ours>/<baseline> = <value>` lines.
 """
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile

@@ -15,7 +15,6 @@ train_s (the training loop, without loading and held-out evaluation). Peak = the
 process (fp32 and bf16), measured here: run it on the machine that trained, with nothing else running.
 """
 import argparse
-import json
 import os
 import sys
 

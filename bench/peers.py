@@ -38,7 +38,6 @@ the best peer's memory and time; ours_sekd20 <= 0.5x its memory and <= 0.7x its 
 """
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -52,6 +51,7 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import config  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
 import selection  # noqa: E402
@@ -217,7 +217,7 @@ def timing(x, avail, reps):
 def bench_shape(shape, a, avail, prep):
     B, T, reps = SHAPE_DEFAULTS[shape]["quick" if a.quick else "full"]
     reps = max(3, a.reps or reps)
-    chunk = min(1024, max(1, math.ceil(B * T / 4)))  # selective_head.py's default chunk rule
+    chunk = a.chunk or config.default_entropy_chunk(torch.device(a.device).type)  # train.py's default
     c = make_ctx(shape, B, T, a.device, prep, K, chunk)
     with torch.no_grad():
         hs, ht = models.trunk(c.student, c.x), models.trunk(c.teacher, c.x)
@@ -281,12 +281,16 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="selective_head.py's quick sizes and repeats")
     p.add_argument("--shapes", default="b,a")
     p.add_argument("--reps", type=int, help="timed rounds (>= 3)")
+    p.add_argument("--chunk", type=int, help="rows of logits per chunk of ours (train.py --entropy-chunk); "
+                   "default train.py's: 128 on a CPU, 1024 on a GPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="save all numbers to this JSON file (atomic)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--inputs", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.chunk is not None and a.chunk < 1:
+        p.error("--chunk must be >= 1")
     if a.worker:
         print(json.dumps(worker_memory(a)))
         return

@@ -31,7 +31,6 @@ Prints a markdown table, then `RATIO <name> <ours>/<baseline> = <value>` lines.
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -42,7 +41,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import cache  # noqa: E402
 
 M = "student_entropy"
 RUNS = [

@@ -51,9 +51,7 @@ the default flow, same shape and machine). Targets (paper Table 16): student pea
 import argparse
 import gc
 import json
-import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -68,7 +66,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
-import cache  # noqa: E402
+import config  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
 import selection  # noqa: E402
@@ -575,7 +573,7 @@ def run_worker(args_list, env_extra=None, timeout=1800):
 def bench_shape(shape, a):
     B, T, reps = SHAPE_DEFAULTS[shape]["quick" if a.quick else "full"]
     B, T, reps = a.B or B, a.T or T, a.reps or reps
-    chunk = a.chunk or min(1024, max(1, math.ceil(B * T / 4)))
+    chunk = a.chunk or config.default_entropy_chunk(torch.device(a.device).type)  # train.py's default
     res = dict(shape=shape, B=B, T=T, reps=reps, k=a.k, chunk=chunk, device=a.device)
     if shape == "c" and torch.device(a.device).type != "cuda":
         res["skipped"] = "needs a CUDA GPU (real Qwen3-1.7B/8B shapes)"
@@ -710,7 +708,7 @@ def main(argv=None):
     p.add_argument("--shapes", default="b,a,c", help="comma list of a, b, c")
     p.add_argument("--k", type=float, default=0.2, help="fraction of positions selected")
     p.add_argument("--chunk", type=int, help="rows of logits per chunk (train.py --entropy-chunk); default "
-                   "B*T/4 capped at 1024, i.e. train.py's 1024 rows over the paper's 4096-token micro-batch")
+                   "train.py's: 128 on a CPU, 1024 on a GPU (config.default_entropy_chunk)")
     p.add_argument("--B", type=int, help="override the batch size of every shape")
     p.add_argument("--T", type=int, help="override the sequence length of every shape")
     p.add_argument("--reps", type=int, help="timed steps per variant (median)")
