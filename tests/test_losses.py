@@ -659,6 +659,25 @@ def test_selective_path_never_builds_BTV(teacher_kind):
     assert dense.max_numel == B_ * T_ * V_
 
 
+def test_fused_head_peak_is_weight_grad_plus_one_chunk():
+    """In one chunk, the teacher's scratch dies before the (V, d) weight gradient is made, so the live
+    peak is grad W + the chunk's logits (+ grad h), not grad W + student + teacher logits + a temporary.
+    Live bytes counted by bench/selective_head.py's Tracker (every storage an op makes, until freed)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from selective_head import Tracker
+    g = torch.Generator().manual_seed(61)
+    N, d, V = 64, 256, 4096  # grad W (V, d) = 4 MB; a chunk's logits (N, V) = 1 MB
+    h = torch.randn(N, d, generator=g).requires_grad_(True)
+    W = (torch.randn(V, d, generator=g) * 0.05).requires_grad_(True)
+    teacher = L.DenseTeacher(torch.randn(N, d, generator=g), torch.randn(V, d, generator=g) * 0.05)
+    y, w = torch.randint(0, V, (N,), generator=g), torch.full((N,), 1.0 / N)
+    with Tracker(V) as tr:
+        L.head_loss(h, W, y, w, teacher, chunk_size=N).backward()
+    grad_w, chunk = 4 * V * d, 4 * N * V
+    assert grad_w + chunk <= tr.peak <= grad_w + chunk + 4 * N * d + 64 * 1024, tr.peak
+    assert W.grad is not None and h.grad is not None
+
+
 # ----------------------------------------------------------------------------- edge cases
 
 def test_empty_selection():
