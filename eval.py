@@ -91,6 +91,7 @@ import torch
 from tqdm import tqdm
 
 from common import UserError, run_cli, atomic_json, atomic_write, read_json
+from losses import matmul_weight
 from models import expected_calibration_error, head_weight, heldout_metrics, load_model, trunk
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
@@ -302,7 +303,7 @@ def loglikelihood(model, requests, batch_size=16, vocab=None, chunk_size=1024, p
     before them, so no attention mask is needed. Logits exist only at continuation positions.
     """
     device = next(model.parameters()).device
-    W = head_weight(model, vocab)  # (V, d)
+    W = matmul_weight(head_weight(model, vocab))  # (V, d), cast once under autocast
     limit = _max_len(model)
     order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
     out = [None] * len(requests)

@@ -155,6 +155,16 @@ def entropy(logits, temperature=1.0):
     return out.reshape(logits.shape[:-1])
 
 
+def matmul_weight(W):
+    """W (V, d) as a matmul under the active autocast uses it, cast once: multiplied chunk by chunk, an
+    fp32 head under bf16 autocast would otherwise be cast again for every chunk (a (V, d) copy each,
+    which was a third of a CPU step). Same values as autocast's own cast; W itself outside autocast."""
+    dev = W.device.type
+    if W.dtype == torch.float32 and torch.is_autocast_enabled(dev):
+        return W.to(torch.get_autocast_dtype(dev))
+    return W
+
+
 @torch.no_grad()
 def chunked_entropy(hidden, lm_head_weight, chunk_size=1024):
     """Entropy of softmax(hidden @ W^T) per position without materialising all logits.
@@ -173,7 +183,7 @@ def chunked_entropy(hidden, lm_head_weight, chunk_size=1024):
     lead = hidden.shape[:-1]
     h = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
     out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)  # (N,)
-    W = lm_head_weight.to(h.dtype)
+    W = matmul_weight(lm_head_weight.to(h.dtype))
     for i in range(0, h.shape[0], chunk_size):
         out[i:i + chunk_size] = entropy(h[i:i + chunk_size] @ W.T)  # (c, V) alive
     return out.reshape(lead)
@@ -509,7 +519,7 @@ def _run_chunks(h, W, chunk_loss, chunk_size, need_h=False, need_W=False, chunk_
     buffer shared by all chunks) unless it returns None; else autograd through chunk_loss.
     """
     N = h.shape[0]
-    Wd, hd = W.detach(), h.detach()
+    Wd, hd = matmul_weight(W.detach()), h.detach()  # (V, d) in the matmul's dtype, cast once
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     gh = torch.zeros_like(hd) if need_h else None  # (N, d)
     gW = None  # (V, d) fp32, made at the first chunk's gradient: after chunk_grad has dropped its scratch
@@ -532,9 +542,9 @@ def _run_chunks(h, W, chunk_loss, chunk_size, need_h=False, need_W=False, chunk_
                     (g,) = torch.autograd.grad(loss, z, allow_unused=True)
                 del z
             if g is not None:
-                g = g.to(Wd.dtype)  # (c, V), same cast autograd does for logits.float()
-                if need_h:
-                    gh[i0:i1] = g @ Wd
+                g = g.to(W.dtype)  # (c, V), same cast autograd does for logits.float()
+                if need_h:  # in the matmul's dtype (bf16 under autocast), as autocast would cast g and W
+                    gh[i0:i1] = g.to(Wd.dtype) @ Wd
                 if need_W:  # accumulate in fp32 (in place, so bf16 autocast leaves it fp32), no (V, d) temporary
                     first = gW is None  # beta = 0 ignores the fresh tensor's contents (no zero fill)
                     if first:
@@ -705,10 +715,13 @@ def head_loss(student_hidden, student_head, targets, weights, teacher, loss="kl"
     N = student_hidden.shape[0]
     kd_fn = LOSSES[loss]
 
+    t_head = None  # the dense teacher's (V, d) head in the matmul's dtype, cast once for all chunks
+    if isinstance(teacher, DenseTeacher):
+        t_head = matmul_weight(teacher.head.detach().to(teacher.hidden.dtype))
+
     def teacher_chunk(i0, i1, out=None):  # (c, V) fp32 teacher logits, no grad (into out when given)
         with torch.no_grad():
-            th = teacher.hidden[i0:i1].detach()
-            return _logits(th, teacher.head.detach().to(th.dtype), out)
+            return _logits(teacher.hidden[i0:i1].detach(), t_head, out)
 
     w = weights.detach().float()
     kd_coef, ce_coef, hard = lam * w, (1 - lam) * w, None  # (N,), (N,)

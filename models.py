@@ -222,7 +222,8 @@ def check_vocab(teacher_tok, student_tok, teacher=None, student=None):
 def head_weight(model, vocab_size=None):
     """The LM head matrix W (V, d), cut to the tokenizer's vocabulary (drops Qwen-style padding rows)."""
     W = model.get_output_embeddings().weight
-    return W if vocab_size is None else W[:vocab_size]
+    # W itself when nothing is cut: a slice's backward would fill a zero (V, d) grad and copy into it
+    return W if vocab_size is None or vocab_size == W.shape[0] else W[:vocab_size]
 
 
 def trunk(model, input_ids):
@@ -455,8 +456,8 @@ def heldout_metrics(student, batches, teacher=None, vocab_size=None, chunk_size=
     teacher_device = teacher_device or (next(teacher.parameters()).device if teacher else None)
     if teacher is not None and teacher_states is None:
         teacher_states = lambda x: trunk(teacher, x.to(teacher_device))  # noqa: E731
-    Ws = head_weight(student, vocab_size)
-    Wt = head_weight(teacher, vocab_size) if teacher is not None else None
+    Ws = losses.matmul_weight(head_weight(student, vocab_size))  # cast once under autocast, not per chunk
+    Wt = losses.matmul_weight(head_weight(teacher, vocab_size)) if teacher is not None else None
     tot = {"ce": 0.0, "kl": 0.0, "agree": 0.0, "tce": 0.0, "n": 0}
     confs, corrs, tconfs, tcorrs = [], [], [], []
     for input_ids, targets, valid in batches:
@@ -503,7 +504,7 @@ def heldout_metrics_sparse(student, batches, teacher_cache, sample_ids, vocab_si
     top1_agree compares with the most-sampled cached class.
     """
     device = device or next(student.parameters()).device
-    Ws = head_weight(student, vocab_size)
+    Ws = losses.matmul_weight(head_weight(student, vocab_size))
     tot = {"ce": 0.0, "kl": 0.0, "agree": 0.0, "n": 0}
     confs, corrs, start = [], [], 0
     for input_ids, targets, valid in batches:

@@ -509,10 +509,12 @@ def chunked_scores(metric, student_hidden, student_head, targets, teacher_hidden
     y = targets.reshape(-1)
     out = torch.empty(B * T, dtype=torch.float32, device=targets.device)
     with torch.no_grad():
+        Ws = losses.matmul_weight(student_head.detach()) if hs is not None else None  # cast once, not per chunk
+        Wt = losses.matmul_weight(teacher_head.detach()) if ht is not None else None
         for i in range(0, B * T, int(chunk_size)):
             j = min(i + int(chunk_size), B * T)
-            ls = hs[i:j].to(student_head.dtype) @ student_head.T if hs is not None else None  # (c, V)
-            lt = ht[i:j].to(teacher_head.dtype) @ teacher_head.T if ht is not None else None  # (c, V)
+            ls = hs[i:j].to(Ws.dtype) @ Ws.T if hs is not None else None  # (c, V)
+            lt = ht[i:j].to(Wt.dtype) @ Wt.T if ht is not None else None  # (c, V)
             out[i:j] = fn(ls, lt, y[i:j], generator=generator)
             del ls, lt  # free this chunk's logits before the next one is built
     return out.view(B, T)

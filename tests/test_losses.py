@@ -678,6 +678,53 @@ def test_fused_head_peak_is_weight_grad_plus_one_chunk():
     assert W.grad is not None and h.grad is not None
 
 
+class _HeadCasts(TorchDispatchMode):
+    """Counts dtype casts of a tensor shaped like the head W (V, d) or its transpose."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shapes, self.n = {tuple(shape), tuple(shape)[::-1]}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) in self.shapes:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_head_is_cast_once_per_call_under_bf16_autocast():
+    """Under bf16 autocast an fp32 head multiplied chunk by chunk is cast to bf16 once per call (not once
+    per chunk, a (V, d) copy each: a third of a CPU step), with the values of autocast's per-chunk casts."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    import selection
+    g = torch.Generator().manual_seed(62)
+    N, d, V, chunk = 12, 8, 40, 3  # 4 chunks
+    h, W = torch.randn(N, d, generator=g), torch.randn(V, d, generator=g)
+    teacher = L.DenseTeacher(torch.randn(N, d, generator=g), torch.randn(V, d, generator=g))
+    y, w = torch.randint(0, V, (N,), generator=g), torch.full((N,), 1.0 / N)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_H = torch.cat([L.entropy(h[i:i + chunk] @ W.T) for i in range(0, N, chunk)])  # autocast's casts
+        with _HeadCasts(W.shape) as casts:
+            H = L.chunked_entropy(h, W, chunk)
+        assert casts.n == 1 and torch.equal(H, ref_H)
+        with _HeadCasts(W.shape) as casts:
+            S = selection.chunked_scores("student_entropy", h[None], W, y[None], chunk_size=chunk)
+        assert casts.n == 1 and torch.equal(S[0], ref_H)
+        hs, Ws = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+        with _HeadCasts(W.shape) as casts:
+            loss = L.head_loss(hs, Ws, y, w, teacher, chunk_size=chunk)
+            loss.backward()
+        assert casts.n == 2  # the student's head and the teacher's, once each
+    hr, Wr = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the dense reference: autocast's own casts
+        zs, zt = (hr @ Wr.T).float(), (teacher.hidden @ teacher.head.T).float()
+    ref = (L.kl_per_position(zs, zt) * w).sum()
+    ref.backward()
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    assert Ws.grad.dtype == torch.float32
+    for ours, theirs in ((Ws.grad, Wr.grad), (hs.grad, hr.grad)):  # bf16 rounding of the grads' matmuls
+        assert float((ours - theirs).abs().max()) <= 1e-2 * float(theirs.abs().max())
+
+
 # ----------------------------------------------------------------------------- edge cases
 
 def test_empty_selection():

@@ -60,6 +60,17 @@ def test_padded_head_is_cut(tiny_tok):
     assert models.check_vocab(tiny_tok, tiny_tok, m, m) == len(tiny_tok)
 
 
+def test_unpadded_head_is_the_weight_itself(tiny_tok):
+    """No rows to cut: the parameter itself, so backward adds into it directly (a slice's backward
+    fills a zero (V, d) gradient and copies into it, every step)."""
+    m = make_model(tiny_tok, layers=1)
+    W = m.get_output_embeddings().weight
+    assert models.head_weight(m, W.shape[0]) is W and models.head_weight(m) is W
+    h = torch.randn(3, W.shape[1])
+    (h @ models.head_weight(m, W.shape[0]).T).sum().backward()
+    assert torch.allclose(W.grad, h.sum(0).expand_as(W))
+
+
 def test_missing_model_is_clear(tmp_path):
     with pytest.raises(UserError, match="^--teacher ./nope.gguf: model file not found"):
         models.load_model("./nope.gguf")
