@@ -109,11 +109,32 @@ def _hub_local_only(repo_id, flag):
                         f"machine with network, then set HF_HUB_OFFLINE=1") from None
 
 
-def load_tokenizer(spec, flag="--teacher"):
+def _gguf_memo(load):
+    """Memoize load(path, gguf, local) for GGUF files, keyed by the file's path, size and mtime: transformers
+    rebuilds a GGUF's tokenizer (5 s) and config (3 s) from its metadata on every call, and a run asks
+    for them more than once. Other checkpoints load fast and are not kept."""
+    memo = {}
+
+    def cached(path, gguf, local):
+        if not gguf:
+            return load(path, gguf, local)
+        st = os.stat(os.path.join(path, gguf))
+        key = (os.path.abspath(path), gguf, local, st.st_size, st.st_mtime_ns)
+        if key not in memo:
+            memo[key] = load(path, gguf, local)
+        return copy.deepcopy(memo[key])  # callers may change it (a config's layer count)
+    return cached
+
+
+@_gguf_memo
+def _tokenizer(path, gguf, local):
     from transformers import AutoTokenizer
-    path, gguf, local = _resolve(spec, flag)
     kw = {"gguf_file": gguf} if gguf else {}
     return AutoTokenizer.from_pretrained(path, local_files_only=local, **kw)
+
+
+def load_tokenizer(spec, flag="--teacher"):
+    return _tokenizer(*_resolve(spec, flag))
 
 
 def load_model(spec, device="cpu", dtype=torch.float32, flag="--teacher"):
@@ -124,8 +145,15 @@ def load_model(spec, device="cpu", dtype=torch.float32, flag="--teacher"):
     """
     from transformers import AutoModelForCausalLM
     path, gguf, local = _resolve(spec, flag)
-    kw = {"gguf_file": gguf} if gguf else {}
-    tok = load_tokenizer(spec, flag)
+    # a GGUF's config, parsed once (load_config's memo): from_pretrained would parse its metadata again
+    kw = {"gguf_file": gguf, "config": _config(path, gguf, local)} if gguf else {}
+    if gguf:  # dense weights always: the head is read as a matrix and students train. Newer transformers
+        try:  # keep GGUF blocks packed where a matmul kernel exists (and warn that bf16 casts around it)
+            from transformers.utils.quantization_config import GgufConfig
+            kw["quantization_config"] = GgufConfig(dequantize=True)
+        except ImportError:  # older transformers: always dequantized
+            pass
+    tok = _tokenizer(path, gguf, local)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local, **kw)
     except UserError:
@@ -172,8 +200,12 @@ def parse_layers(spec, n_layers, flag="--student-layers"):
 def load_config(spec, flag="--teacher"):
     """The model's HF config without its weights (seconds, not minutes): checks such as --student-layers
     against config.num_hidden_layers run before any model loads."""
+    return _config(*_resolve(spec, flag))
+
+
+@_gguf_memo
+def _config(path, gguf, local):
     from transformers import AutoConfig
-    path, gguf, local = _resolve(spec, flag)
     kw = {"gguf_file": gguf} if gguf else {}
     return AutoConfig.from_pretrained(path, local_files_only=local, **kw)
 

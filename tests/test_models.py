@@ -315,3 +315,29 @@ def test_one_gemm_timer_feeds_the_bench_peak(monkeypatch):
     assert n == 1024 and gflops == pytest.approx(2.0)
     monkeypatch.undo()
     assert benchutil.matmul_peak(torch.bool) == (None, 2048)  # no bool GEMM on this device
+
+
+def test_gguf_tokenizer_and_config_are_parsed_once_per_file(tmp_path, monkeypatch):
+    """A GGUF's tokenizer and config are rebuilt from its metadata by transformers on every call (8 s for
+    SmolLM2); models keeps one per file (path, size, mtime) and hands out copies."""
+    import transformers
+    calls = []
+
+    class Cfg:
+        num_hidden_layers = 30
+
+    def fake(kind):
+        return classmethod(lambda cls, path, **kw: calls.append((kind, path, kw["gguf_file"])) or Cfg())
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake("tok"))
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", fake("cfg"))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    for _ in range(3):
+        models.load_tokenizer(str(f))
+        cfg = models.load_config(str(f))
+        cfg.num_hidden_layers = 8  # a caller's change stays with its copy
+    assert sorted(c[0] for c in calls) == ["cfg", "tok"]
+    assert models.load_config(str(f)).num_hidden_layers == 30
+    os.utime(f, ns=(0, 10 ** 9))  # the file changed: parsed again
+    models.load_config(str(f))
+    assert [c[0] for c in calls].count("cfg") == 2
