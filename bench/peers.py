@@ -282,7 +282,7 @@ def main(argv=None):
     p.add_argument("--shapes", default="b,a")
     p.add_argument("--reps", type=int, help="timed rounds (>= 3)")
     p.add_argument("--chunk", type=int, help="rows of logits per chunk of ours (train.py --entropy-chunk); "
-                   "default train.py's: 128 on a CPU, 1024 on a GPU")
+                   "default train.py's: 256 on a CPU, 1024 on a GPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="save all numbers to this JSON file (atomic)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
