@@ -28,8 +28,9 @@ PRESETS = {  # explicit flags override these
                   lr=1e-5, temperature=1.0, lam=1.0, optim="adam8bit", schedule="constant", warmup=0.0,
                   curriculum_steps=4000, seeds="1337,1338,1339"),
     # issue 19: a near pair built by sandbox.py (a pretrained student, KL 0.48 nats from its teacher);
-    # 192 steps of 8 x 128 tokens: where Full KD's held-out KL curve flattens (docs/results.md shows it)
-    "sandbox": dict(teacher=SANDBOX["teacher"], student=SANDBOX["student"],
+    # 192 steps of 8 x 128 tokens: where Full KD's held-out KL curve flattens (docs/results.md shows it);
+    # fp32, as the published study ran (--dtype auto would pick bf16 on a CPU with bf16 units)
+    "sandbox": dict(teacher=SANDBOX["teacher"], student=SANDBOX["student"], dtype="fp32",
                     data=SANDBOX["kd"], probe=SANDBOX["probe"], seq_len=128, tokens=196_608,
                     eval_tokens=8_192, batch_size=8, grad_accum=1, lr=3e-3, optim="adamw", schedule="cosine",
                     warmup=0.05, seeds="0,1,2,3,4"),
@@ -98,8 +99,8 @@ def get_parser():
     g("--epochs", type=float, default=1.0, help="passes over the (selected) training data")
     g("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     g("--seed", type=int, default=0, help="data order, selection draws, cache sampling")
-    g("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-      help="bf16: teacher in bf16, student fp32 master weights under bf16 autocast; auto: bf16 on a GPU, "
+    g("--dtype", choices=["auto", "fp32", "bf16"], default=None,
+      help="bf16: teacher in bf16, student fp32 master weights under bf16 autocast; auto (default; --preset sandbox: fp32): bf16 on a GPU, "
            "and on a CPU whose bf16 GEMM is >= 1.5x fp32's (measured at start; $NANO_SEKD_CPU_DTYPE fixes it)")
     g = p.add_argument_group("devices and runs").add_argument
     g("--teacher-device", help="one process: default cuda:0 (cpu without GPUs); not with torchrun")
@@ -152,6 +153,8 @@ def finalize(raw):
     for key, val in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, val)
+    if args.dtype is None:  # after the presets: sandbox pins fp32
+        args.dtype = "auto"
     if args.entropy_chunk is None:
         import torch
         args.entropy_chunk = default_entropy_chunk("cuda" if torch.cuda.is_available() else "cpu")

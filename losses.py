@@ -157,8 +157,9 @@ def entropy(logits, temperature=1.0):
 
 def matmul_weight(W):
     """W (V, d) as a matmul under the active autocast uses it, cast once: multiplied chunk by chunk, an
-    fp32 head under bf16 autocast would otherwise be cast again for every chunk (a (V, d) copy each,
-    which was a third of a CPU step). Same values as autocast's own cast; W itself outside autocast."""
+    fp32 head under bf16 autocast would otherwise be cast again for every chunk (a (V, d) copy each:
+    0.4 s of the default run's 2.9 s bf16 step on 2 cores). Same values as autocast's own cast; W
+    itself outside autocast."""
     dev = W.device.type
     if W.dtype == torch.float32 and torch.is_autocast_enabled(dev):
         return W.to(torch.get_autocast_dtype(dev))
