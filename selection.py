@@ -508,15 +508,24 @@ def chunked_scores(metric, student_hidden, student_head, targets, teacher_hidden
     ht = rows(teacher_hidden, teacher_head, "teacher") if metric in TEACHER_METRICS else None
     y = targets.reshape(-1)
     out = torch.empty(B * T, dtype=torch.float32, device=targets.device)
+    bufs = {}  # an fp32 head outside autocast: one (chunk, V) logits buffer per head, for every chunk
+
+    def logits(x, W, name):  # (c, V) in the head's dtype
+        if W.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type):
+            return x.to(W.dtype) @ W.T
+        if name not in bufs:  # a fresh (c, V) tensor per chunk faults its pages in again on a CPU
+            bufs[name] = torch.empty(min(int(chunk_size), B * T), W.shape[0], device=x.device)
+        return torch.matmul(x.to(W.dtype), W.T, out=bufs[name][:x.shape[0]])
+
     with torch.no_grad():
         Ws = losses.matmul_weight(student_head.detach()) if hs is not None else None  # cast once, not per chunk
         Wt = losses.matmul_weight(teacher_head.detach()) if ht is not None else None
         for i in range(0, B * T, int(chunk_size)):
             j = min(i + int(chunk_size), B * T)
-            ls = hs[i:j].to(Ws.dtype) @ Ws.T if hs is not None else None  # (c, V)
-            lt = ht[i:j].to(Wt.dtype) @ Wt.T if ht is not None else None  # (c, V)
+            ls = logits(hs[i:j], Ws, "student") if hs is not None else None  # (c, V)
+            lt = logits(ht[i:j], Wt, "teacher") if ht is not None else None  # (c, V)
             out[i:j] = fn(ls, lt, y[i:j], generator=generator)
-            del ls, lt  # free this chunk's logits before the next one is built
+            del ls, lt  # free this chunk's logits (outside a buffer) before the next one is built
     return out.view(B, T)
 
 
