@@ -2,7 +2,6 @@
 loose variants, scoring, I/O, and (when ../shared is there) the 540 official
 GPT-4 responses."""
 import json
-import os
 import sys
 from pathlib import Path
 
