@@ -693,7 +693,7 @@ class _HeadCasts(TorchDispatchMode):
 
 def test_head_is_cast_once_per_call_under_bf16_autocast():
     """Under bf16 autocast an fp32 head multiplied chunk by chunk is cast to bf16 once per call (not once
-    per chunk, a (V, d) copy each: a third of a CPU step), with the values of autocast's per-chunk casts."""
+    per chunk, a (V, d) copy each: 0.4 s of a 2.9 s bf16 CPU step), with the values of autocast's per-chunk casts."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     import selection
     g = torch.Generator().manual_seed(62)
