@@ -31,6 +31,17 @@ def generator(*keys, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
+# one row-chunk loop
+
+def row_chunks(n, size):
+    """(i0, i1) for rows 0..n in chunks of at most `size` rows: the one chunk loop over (rows, V) work, so
+    at most `size` rows of logits are alive at once."""
+    if size < 1:
+        raise ValueError(f"chunk size must be >= 1, got {size}")
+    return [(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+# -----------------------------------------------------------------------------
 # one atomic writer
 
 TMP_PREFIX = ".tmp."

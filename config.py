@@ -39,7 +39,7 @@ SAMPLE_METRICS = ["none", "student_entropy", "ce_ratio", "kl", "random"]
 MATRICES = ["table2", "table3", "table4", "table5", "core", "budget"]  # defined in study.py
 # flags that change where a run writes or what it is called, not its numbers (kept out of config_key)
 RUN_ONLY = ("out_dir", "run_name", "resume", "log_every", "eval_every", "ckpt_every", "save_model", "teacher_memo_gb",
-            "keep_freed_memory",
+            "keep_freed_memory", "head",
             "matrix", "seeds", "debug", "fresh")
 
 
@@ -84,6 +84,9 @@ def get_parser():
     g = p.add_argument_group("memory, regimes").add_argument
     g("--selective-head", action=argparse.BooleanOptionalAction, default=None,
       help="logits only at selected rows (default: on when k < 1)")
+    g("--head", choices=["fused", "reference"], default="fused",
+      help="LM-head path: fused (fast: gradients in the forward pass, closed forms) or reference (losses.py's "
+           "plain chunked head); equal values and gradients (tests/test_head_parity.py)")
     g("--entropy-chunk", type=int, help="rows of logits alive at once (default: 1024 on GPU, 256 on CPU)")
     g("--on-policy", action="store_true", help="student generates, teacher scores (Table 5)")
     g("--gen-prompt-len", type=int, default=32, help="on-policy: prompt tokens per sequence")
