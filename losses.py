@@ -408,10 +408,20 @@ def rs_kd_loss(student_logits, ids, probs, temperature=1.0):
     of that of tau^2 KL(p || q). student_logits (N, V), ids (N, U) long, probs (N, U) -> (N,) fp32.
     """
     lq = log_probs(student_logits, temperature).gather(-1, ids)  # (N, U)
-    pr = probs.float()
+    return sparse_kl(lq, probs) * temperature ** 2
+
+
+def sparse_kl(student_log_probs_at_ids, probs):
+    """The one RS-KD KL: sum_u p~_u (log p~_u - lq_u) per row, fp32, no tau^2.
+
+    student_log_probs_at_ids (N, U) = log q at the sampled ids, probs (N, U) = p~ (count / U);
+    entries with p~ = 0 (padding) contribute exactly 0, in the value and the gradient, even
+    where lq is -inf. -> (N,).
+    """
+    lq, pr = student_log_probs_at_ids, probs.float()
     keep = pr > 0
     diff = torch.where(keep, pr.clamp_min(1e-38).log(), 0.0) - torch.where(keep, lq, 0.0)
-    return (pr * diff).sum(-1) * temperature ** 2
+    return (pr * diff).sum(-1)
 
 
 # ----------------------------------------------------------------------------- dense selective KD (reference)
