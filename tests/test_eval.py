@@ -514,7 +514,8 @@ def test_compare_and_plot_are_handed_to_report(tmp_path, monkeypatch):
 
 
 def test_lm_eval_parity_on_fixture_requests(tok):
-    """Our loglikelihood against lm-evaluation-harness's HFLM on the same requests (skipped without it)."""
+    """Our loglikelihood against lm-evaluation-harness's HFLM on the same requests. requirements-test.txt
+    installs the harness, so the suite runs it; a bare `pip install -r requirements.txt` machine skips it."""
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
