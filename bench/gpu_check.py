@@ -1,4 +1,4 @@
-"""The prepared GPU check (issue 15): SE-KD and SE-KD_3X through train.py on the paper's code path, bf16,
+"""The prepared GPU check: SE-KD and SE-KD_3X through train.py on the paper's code path, bf16,
 at the paper's widths and reduced depth, on random-init models built on the machine; then
 bench/selective_head.py's shape c (the real Qwen3-1.7B / 8B shapes).
 

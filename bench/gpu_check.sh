@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check of issue 15, one entry point (see bench/gpu_check.py for what it builds and measures).
+# The prepared GPU check, one entry point (see bench/gpu_check.py for what it builds and measures).
 #
 #   OUT=/dir bash bench/gpu_check.sh               # one GPU: SE-KD + SE-KD_3X (train.py, bf16, paper widths,
 #                                                  # 4/2 layers) + selective_head.py shape c; ~6 min, <= 8 min

@@ -1,4 +1,4 @@
-"""Tests for bench/gpu_check.py (the prepared GPU check of issue 15), on CPU.
+"""Tests for bench/gpu_check.py (the prepared GPU check), on CPU.
 
 The building blocks run at tiny size in seconds: tokenizer (vocabulary filled to its target length),
 random-init Qwen3 models (config vocab padded past the tokenizer, bf16, deterministic), the weights-changed
