@@ -1,4 +1,4 @@
-"""Sandbox pilot, design (b) of the sandbox pilot (docs/results.md): the real SmolLM2-135M teacher with a small student of its
+"""Sandbox pilot, design (b) (docs/results.md): the real SmolLM2-135M teacher with a small student of its
 49,152-token vocabulary, CE-pretrained from scratch for a fixed wall budget. Measures what decides the
 design: the held-out CE gap to the teacher, the starting KL, and tokens/s (student CE step, teacher
 forward). Reads the stdlib corpus (data.py), nothing else.
