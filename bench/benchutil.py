@@ -5,7 +5,7 @@ import platform
 import torch
 
 import common
-import models
+import system
 
 
 def write_json(path, obj):
@@ -32,17 +32,17 @@ def sync(device):
 
 def matmul_peak(dtype=torch.float32, n=2048, reps=5, device="cpu", max_rep_s=2.0):
     """The machine's matmul throughput: (GFLOP/s, n) of an n x n x n GEMM (2 n^3 FLOPs) in `dtype`,
-    best of `reps` after a warm-up (models.gemm_seconds). n shrinks (halving, down to 512) while one
+    best of `reps` after a warm-up (system.gemm_seconds). n shrinks (halving, down to 512) while one
     GEMM would take more than max_rep_s, so a dtype without fast kernels here (bf16 on a CPU without
     AVX512-BF16/AMX) costs seconds, not minutes. (None, n) where the dtype's GEMM does not run on `device`."""
     m = 512  # the probe; a 256 probe mis-predicts under load (small GEMMs are slower per FLOP)
     try:
-        t = models.gemm_seconds(m, dtype, reps=1, device=device)
+        t = system.gemm_seconds(m, dtype, reps=1, device=device)
     except RuntimeError:
         return None, n
     while n > m and t * (n / m) ** 3 > max_rep_s:
         n //= 2
-    return 2 * n ** 3 / models.gemm_seconds(n, dtype, reps, device) / 1e9, n
+    return 2 * n ** 3 / system.gemm_seconds(n, dtype, reps, device) / 1e9, n
 
 
 def median_minmax(xs):

@@ -23,7 +23,7 @@ compared with the dense reference's too. Tolerance: rtol 1e-4 (loss), 1e-3 x max
 Memory: one fresh process per variant. CPU: VmHWM after a reset (/proc/self/clear_refs) minus VmRSS
 before the step, with a fixed glibc mmap threshold (freed tensors go back to the OS), after one warm-up
 step, grads set to None (so they count); GPU: max_memory_allocated minus the level before the step.
-Time: one process, all variants, rotated order per round, with freed pages kept (models.keep_freed_memory,
+Time: one process, all variants, rotated order per round, with freed pages kept (system.keep_freed_memory,
 train.py --keep-freed-memory); a ratio is the median of the per-round ratios, with their min-max.
 FLOPs: LM-head matmuls only, 2 per multiply-add: logits 2RdV (student) + 2Rd_tV (teacher) forward and
 2 x 2RdV backward (dh, dW) over R = B*T rows; SE-KD adds its scoring pass 2(B*T)dV and has R = selected
@@ -55,6 +55,7 @@ import config  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
 import selection  # noqa: E402
+import system  # noqa: E402
 from benchutil import machine, matmul_peak, median_minmax, sync, write_json  # noqa: E402
 from selective_head import SHAPE_DEFAULTS, Meter, cpu_peak_reset_works, make_ctx, prepare_a  # noqa: E402
 
@@ -200,7 +201,7 @@ def worker_memory(a):
 
 
 def timing(x, avail, reps):
-    models.keep_freed_memory()  # as train.py --keep-freed-memory: no page faults from the allocator in the timings
+    system.keep_freed_memory()  # as train.py --keep-freed-memory: no page faults from the allocator in the timings
     for v in avail:
         step(v, x)  # warm-up
     times = {v: [] for v in avail}

@@ -19,7 +19,7 @@ Full KD (paper: TopSmp 7h01m / Full KD 22h52m = 0.307, SE-KD_3X reusing the cach
 = 0.174); we print the ratios of train_s and of scoring + cache + train (the work a method adds or
 saves; model loading and evaluation are the same for all and are reported apart).
 
-Note: runs with --cache-dir evaluate against the cache (models.heldout_metrics_sparse), whose KL is
+Note: runs with --cache-dir evaluate against the cache (heldout.heldout_metrics_sparse), whose KL is
 the RS-KD estimate (a constant H(p) - E[H(p~)] above the true KL); the held-out CE loss is comparable
 across all rows.
 

@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import data  # noqa: E402
+import heldout  # noqa: E402
 import models  # noqa: E402
 import sandbox  # noqa: E402
 
@@ -47,7 +48,7 @@ train_s = time.time() - t0
 student.eval()
 held = splits["val"]
 t1 = time.time()
-m = models.heldout_metrics(student, held.batches(8), teacher=teacher, vocab_size=V, chunk_size=256)
+m = heldout.heldout_metrics(student, held.batches(8), teacher=teacher, vocab_size=V, chunk_size=256)
 eval_s = time.time() - t1
 out = dict(design="b", student_params=n_params, steps=step, train_tokens=seen, train_s=round(train_s, 1),
            student_tok_s=round(seen / train_s), heldout_tokens=int(held.valid.sum()),

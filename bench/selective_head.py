@@ -70,6 +70,7 @@ import config  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
 import selection  # noqa: E402
+import system  # noqa: E402
 
 VARIANTS = ["default", "chunked_k100", "k20_teacher", "k20_student", "k20_plain", "k20_selective"]
 OURS = "k20_selective"
@@ -164,19 +165,19 @@ class Meter:
             return torch.cuda.memory_allocated(self.device)
         return _proc_kib("VmRSS") * 1024
 
-    def reset_peak(self):  # models' reset: CUDA peak stats, or VmHWM back to the current RSS on CPU
+    def reset_peak(self):  # system's reset: CUDA peak stats, or VmHWM back to the current RSS on CPU
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        models.reset_peak_memory(self.device)
+        system.reset_peak_memory(self.device)
 
     def peak(self):
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        return models.peak_memory(self.device)
+        return system.peak_memory(self.device)
 
 
 def cpu_peak_reset_works():
-    """models.reset_peak_memory stays silent where /proc/self/clear_refs is not writable; the bench
+    """system.reset_peak_memory stays silent where /proc/self/clear_refs is not writable; the bench
     must not (its CPU memory numbers would be lifetime peaks), so it asks first."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -520,8 +521,8 @@ def worker_memory(a):
 
 def worker_timing(a):
     """All variants in one process, rotated order per round; per-variant step times (seconds) and
-    phases, under train.py --keep-freed-memory's allocator (models.keep_freed_memory) unless --malloc glibc."""
-    kept = a.malloc == "keep" and models.keep_freed_memory()
+    phases, under train.py --keep-freed-memory's allocator (system.keep_freed_memory) unless --malloc glibc."""
+    kept = a.malloc == "keep" and system.keep_freed_memory()
     c = make_ctx(a.shape, a.B, a.T, a.device, a.prep, a.k, a.chunk)
     for v in VARIANTS:  # warm-up
         full_step(v, c)
@@ -727,7 +728,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, help="timed steps per variant (median)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--malloc", choices=["keep", "glibc", "both"], default="keep",
-                   help="timing allocator: keep = train.py --keep-freed-memory's (models.keep_freed_memory), "
+                   help="timing allocator: keep = train.py --keep-freed-memory's (system.keep_freed_memory), "
                         "glibc = glibc's default (train.py's default), "
                         "both = time under each (RATIO malloc_kept_vs_glibc per variant)")
     p.add_argument("--out", help="save all numbers to this JSON file (atomic)")

@@ -9,7 +9,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-# --dtype auto picks bf16 on a CPU with bf16 matrix units (models.auto_bf16): the tests' expected numbers
+# --dtype auto picks bf16 on a CPU with bf16 matrix units (system.auto_bf16): the tests' expected numbers
 # are fp32 ones on every machine, so they pin it (subprocesses inherit it); tests of auto unset it
 os.environ["NANO_SEKD_CPU_DTYPE"] = "fp32"
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import eval as E  # noqa: E402
-import models  # noqa: E402
+import heldout  # noqa: E402
 from common import UserError  # noqa: E402
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -142,7 +142,7 @@ def data_dir(tmp_path):
 
 def test_ece_hand_example():
     # one example per bin: (0.05 + 0.9 + 0.38 + 0.55 + 0.2) / 5
-    ece = models.expected_calibration_error([0.95, 0.9, 0.62, 0.55, 0.2], [1, 0, 1, 0, 0], n_bins=15)
+    ece = heldout.expected_calibration_error([0.95, 0.9, 0.62, 0.55, 0.2], [1, 0, 1, 0, 0], n_bins=15)
     assert ece == pytest.approx(0.416, abs=1e-9)
 
 
@@ -453,7 +453,7 @@ def test_score_lm_loads_only_the_heldout_split(tok, monkeypatch):
     test = E.score_lm(student, tok, "test", teacher, batch_size=2, progress=False, data="corpus", seq_len=10)
     assert [s["splits"] for s in seen] == [("val",), ("test",)]  # the training budget is never tokenized
     assert seen[0]["data"] == "corpus" and seen[0]["seq_len"] == 10 and seen[0]["tokenizer"] is tok
-    ref = models.heldout_metrics(student, packed["val"].batches(2), teacher=teacher, vocab_size=len(tok))
+    ref = heldout.heldout_metrics(student, packed["val"].batches(2), teacher=teacher, vocab_size=len(tok))
     assert val["loss"] == pytest.approx(ref["loss"]) and val["kl_to_teacher"] == pytest.approx(ref["kl_to_teacher"])
     assert test["loss"] != pytest.approx(val["loss"])
 
