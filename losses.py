@@ -1,4 +1,4 @@
-"""Distillation objectives and the memory-lean LM-head paths of nano-sekd.
+"""Distillation objectives and the plain selective LM head of nano-sekd.
 
 Notation (paper "Rethinking Selective Knowledge Distillation", Tavor et al.)
 ---------------------------------------------------------------------------
@@ -30,12 +30,13 @@ weights proportional to the metric; `policy_for` tells train.py to use that poli
 
 Every loss here takes `(student_logits, teacher_logits, targets, temperature=1.0)` (torchtune's
 order) and returns (N,) fp32; `LOSSES` at the bottom is the one registry (`--loss NAME`): a new
-loss is one such function plus one line there.
+loss is one such function plus one line there. What a loss needs beyond that is a function
+attribute, read with getattr and a default (`policy`, `ranks_rows`, `rs_kd`; see the registry).
 
 Classes (RS-KD, class axis): instead of the full p_t, keep U classes sampled from p_t with
 replacement; p~_t(v) = count(v) / U is an unbiased estimate of p_t(v), so the gradient of
 sum_v p~_t(v) (log p~_t(v) - log q_t(v)) is an unbiased estimate of the gradient of
-KL(p_t || q_t) (`rs_uniforms`, `sample_classes`, `rs_kd_loss`).
+KL(p_t || q_t) (`rs_uniforms`, `sample_classes`, `sparse_kl`, `rs_kd_loss`).
 
 Other objectives: Decoupled KD (`dkd_loss`, Zhao et al. 2022) and AT-KD (`atkd_loss`,
 Zhong et al. 2024), both built on the DKD identity
@@ -44,46 +45,45 @@ Zhong et al. 2024), both built on the DKD identity
 Memory (paper Sec. 4, Appendix H)
 ---------------------------------
 The LM head is the memory hog: (B, T, V) fp32 logits for a 150k vocabulary are ~0.6 GB per
-1k tokens, twice (teacher and student), plus softmax copies and their gradients.
- * `chunked_entropy` scores all positions (no grad) with at most `chunk_size` rows of logits
-   alive at a time.
+1k tokens, twice (teacher and student), plus softmax copies and their gradients. So the head
+works on rows, `chunk_size` rows at a time (common.row_chunks):
+ * `chunked_entropy` scores all positions (no grad) with one chunk of logits alive at a time.
  * `head_loss` is the selective LM head: the caller gathers the hidden states of the selected
-   rows only (h[m]), and head_loss computes teacher logits (no grad) and student logits for
-   `chunk_size` rows at a time. It is a custom autograd.Function that computes the gradient of
-   each chunk w.r.t. its logits right away in the forward pass and folds it into grad_h
-   (N, d) and grad_W (V, d); so nothing of size (chunk, V) outlives the call (its logits
-   buffers are reused chunk after chunk), and backward is just a rescale. No (B, T, V) tensor
-   exists for the student or the teacher in a step (the trunks still run on all tokens). Full
-   KD (k = 100%) is the same call with every valid row selected: this is the chunked dense
-   path. For forward KL (dense or RS-KD; losses marked `forward_kl`) and CE, the chunk's
-   gradient is written in closed form, tau (q - p) and softmax(z) - onehot(y), over the logits
-   buffer itself (`_forward_kl_ce_grad`); other losses go through autograd.
+   rows only (h[m]); per chunk it computes the student logits h @ W^T, the teacher's (no grad)
+   and the weighted loss, under torch.utils.checkpoint, so a chunk's (c, V) logits are
+   recomputed in backward instead of kept (as torchtune's chunked KD loss calls the plain loss
+   chunk by chunk). Full KD (k = 100%) is the same call with every valid row selected.
+fused_head.py computes the same values and gradients faster (gradients in the forward pass,
+closed forms for forward KL and CE, reused buffers); train.py runs it by default (--head fused)
+and tests/test_head_parity.py holds the two paths equal.
 
-Numerics: every softmax is in fp32, a log_softmax or (closed forms) exp(z - max) / sum (bf16/fp16
-inputs are upcast after the head matmul, which runs in the model's dtype like the model's own
-head would); terms p log p with p = 0 are exactly 0, so -inf logits (masked vocabulary) never
-produce NaN. A row needs at least one finite logit.
+Numerics: every softmax is in fp32 (a log_softmax; bf16/fp16 inputs are upcast after the head
+matmul, which runs in the model's dtype like the model's own head would); terms p log p with
+p = 0 are exactly 0, so -inf logits (masked vocabulary) never produce NaN. A row needs at
+least one finite logit.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 import common
 
 
 # ----------------------------------------------------------------------------- log-probs, entropy, KL
 
-def _check_temperature(temperature):
+def check_temperature(temperature):
+    """A one-line ValueError unless temperature > 0 (both heads, log_probs, the entropies)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
 def log_probs(logits, temperature=1.0):
     """log softmax(logits / tau) over the last dim, in fp32: the one place logits become log-probs."""
-    _check_temperature(temperature)
+    check_temperature(temperature)
     z = logits.float()
     if temperature != 1.0:
         z = z / temperature
@@ -110,56 +110,20 @@ def _logsumexp(x):
     return torch.where(ok.squeeze(-1), out, float("-inf"))
 
 
-def _row_blocks(n, V, device):
-    """(r0, r1) blocks of rows for elementwise passes over (n, V): <= 1M elements (4 MB) each on the CPU,
-    so a block's temporaries stay small and its passes run from cache (at V = 151,936 the closed-form
-    KL gradient took 201 ms in such blocks against 252 ms in 8M-element ones, and no block size was
-    faster); all rows at once on other devices."""
-    step = max(1, (1 << 20) // max(1, V)) if device.type == "cpu" else max(1, n)
-    return [(i, min(n, i + step)) for i in range(0, n, step)]
+def entropy(logits, temperature=1.0):
+    """Shannon entropy H(softmax(logits / tau)) = -sum_v q(v) log q(v) in nats, fp32.
 
-
-def _entropy_where(lq):
-    """-sum_v q(v) lq(v) from log-probs, 0 log 0 = 0: entropy's exact form (and its autograd path)."""
+    logits (..., V) -> (...). Classes with -inf logits contribute 0 (0 log 0 = 0); a row with no
+    finite logit is NaN. (fused_head.entropy is the same value, faster without grad.)
+    """
+    lq = log_probs(logits, temperature)
     q = lq.exp()
     return -(q * torch.where(q > 0, lq, 0.0)).sum(-1)
 
 
-def entropy(logits, temperature=1.0):
-    """Shannon entropy H(softmax(logits / tau)) = -sum_v q(v) log q(v) in nats, fp32.
-
-    logits (..., V) -> (...). Classes with -inf logits contribute 0 (0 log 0 = 0).
-    Without grad (scoring) it is computed as, with z = logits / tau, m = max_v z, e = exp(z - m), s = sum_v e,
-        H = log s - sum_v e (z - m) / s
-    in blocks of rows (_row_blocks): fewer passes than log_softmax -> exp -> where -> mul -> sum, no
-    temporary beyond a block, and more accurate (torch's CPU fp32 log_softmax is ~1e-4 off at V = 150k).
-    A row where that is NaN (a -inf logit gives 0 * -inf; also rows with no finite logit) is redone in
-    the exact form (_entropy_where), so such rows come out as they always did. With grad: the exact form.
-    """
-    if (torch.is_grad_enabled() and logits.requires_grad) or logits.shape[-1] == 0:
-        return _entropy_where(log_probs(logits, temperature))
-    _check_temperature(temperature)
-    x = logits.reshape(-1, logits.shape[-1])  # (n, V)
-    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    for r0, r1 in _row_blocks(*x.shape, x.device):
-        z = x[r0:r1].float()
-        if temperature != 1.0:
-            z = z / temperature
-        zm = z - z.amax(-1, keepdim=True)  # (r, V) <= 0
-        e = zm.exp()
-        s = e.sum(-1)
-        out[r0:r1] = s.log() - e.mul_(zm).sum(-1) / s
-    bad = out.isnan()
-    if bad.any():
-        out[bad] = _entropy_where(log_probs(x[bad], temperature))
-    return out.reshape(logits.shape[:-1])
-
-
 def matmul_weight(W):
-    """W (V, d) as a matmul under the active autocast uses it, cast once: multiplied chunk by chunk, an
-    fp32 head under bf16 autocast would otherwise be cast again for every chunk (a (V, d) copy each:
-    0.4 s of the default run's 2.9 s bf16 step on 2 cores). Same values as autocast's own cast; W
-    itself outside autocast."""
+    """W (V, d) cast once to the dtype a matmul under the active autocast uses (fused_head.matmul_weight is
+    its home; eval.py still imports it from here)."""
     dev = W.device.type
     if W.dtype == torch.float32 and torch.is_autocast_enabled(dev):
         return W.to(torch.get_autocast_dtype(dev))
@@ -170,24 +134,37 @@ def matmul_weight(W):
 def chunked_entropy(hidden, lm_head_weight, chunk_size=1024):
     """Entropy of softmax(hidden @ W^T) per position without materialising all logits.
 
-    hidden (B, T, d) (any leading dims), lm_head_weight (V, d) -> (B, T) fp32.
-    Used to score positions by the student entropy H(q_t) (SE-KD). No grad; at most
-    `chunk_size` rows of logits are alive at once. The matmul runs in the weight's dtype
-    (as the model's head would), the softmax in fp32; the result equals
-    entropy(hidden @ W^T) (to 1e-5 in fp32).
+    hidden (B, T, d) (any leading dims), lm_head_weight (V, d) -> (B, T) fp32. No grad; at most
+    `chunk_size` rows of logits are alive at once. The matmul runs in the hidden states' dtype
+    (as the model's head would), the softmax in fp32: entropy(hidden @ W^T), chunk by chunk.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if hidden.shape[-1] != lm_head_weight.shape[-1]:
         raise ValueError(f"hidden dim {hidden.shape[-1]} != lm_head_weight dim "
                          f"{lm_head_weight.shape[-1]}")
-    lead = hidden.shape[:-1]
     h = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
+    W = lm_head_weight.to(h.dtype)
     out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)  # (N,)
-    W = matmul_weight(lm_head_weight.to(h.dtype))
-    for i in range(0, h.shape[0], chunk_size):
-        out[i:i + chunk_size] = entropy(h[i:i + chunk_size] @ W.T)  # (c, V) alive
-    return out.reshape(lead)
+    for i0, i1 in common.row_chunks(h.shape[0], chunk_size):
+        out[i0:i1] = entropy(h[i0:i1] @ W.T)  # (c, V) alive
+    return out.reshape(hidden.shape[:-1])
+
+
+# ----------------------------------------------------------------------------- exact fractions of counts
+
+def decimal_fraction(x):
+    """x as the decimal it prints as, num / den (0.28 is 28/100), den <= 1e9 so num * n stays far inside
+    int64 for any count n."""
+    f = Fraction(repr(float(x))).limit_denominator(10**9)
+    return f.numerator, f.denominator
+
+
+def ceil_fraction(k, n):
+    """ceil(k * n) in exact integer arithmetic (int or int64 tensor n >= 0): ceil(0.28 * 25) = 7, where the
+    float product is 7.000000000000001. The one count of a fraction: selection budgets, AT-KD's hard rows."""
+    num, den = decimal_fraction(k)
+    return (n * num + den - 1) // den
 
 
 # ----------------------------------------------------------------------------- per-position objectives
@@ -219,9 +196,6 @@ def weighted_kd(student_logits, teacher_logits, targets=None, temperature=1.0):
     return kl_per_position(student_logits, teacher_logits, targets, temperature)
 
 
-weighted_kd.policy = "weighted"  # read by policy_for
-# forward KL: RS-KD can stand in for it (supports_rs_kd), head_loss has its gradient in closed form
-kl_per_position.forward_kl = weighted_kd.forward_kl = True
 
 
 def ce_per_position(student_logits, teacher_logits, targets, temperature=1.0):
@@ -294,7 +268,7 @@ def _atkd_row_coefs(unc, weights, hard_frac, lam):
     n = unc.shape[0]
     order = torch.sort(unc, descending=True, stable=True).indices
     hard = torch.zeros(n, dtype=torch.bool, device=unc.device)
-    hard[order[:min(n, math.ceil(hard_frac * n))]] = True
+    hard[order[:min(n, ceil_fraction(hard_frac, n))]] = True
     w = weights.float()
     w_hard, w_easy = (w * hard).sum(), (w * ~hard).sum()
     # clamp only guards the 0/0 of an empty group: then every w_n in it is 0 and so is coef_n
@@ -307,16 +281,13 @@ def atkd_per_position(student_logits, teacher_logits, targets, temperature=1.0, 
 
     hard (N,) bool marks the hard rows; None ranks the rows given here (the top half by 1 - p_t(y)).
     Its group means need every row first: head_loss sees `ranks_rows` and runs one no-grad pass
-    that ranks all rows and turns the weights into group-mean coefficients (_atkd_row_coefs).
+    that ranks all rows and turns the weights into group-mean coefficients (head_coefs).
     """
     if hard is None:
         unc = _atkd_uncertainty(teacher_logits, targets)
         hard = _atkd_row_coefs(unc, torch.ones_like(unc), 0.5, 0.2)[1]
     tckd, nckd = dkd_terms(student_logits, teacher_logits, targets, temperature)
     return nckd + hard * tckd
-
-
-atkd_per_position.ranks_rows = True  # read by head_loss
 
 
 def atkd_loss(student_logits, teacher_logits, targets, valid, hard_frac=0.5, lam=0.2):
@@ -372,21 +343,21 @@ def sample_classes(teacher_logits, uniforms, temperature=1.0, chunk_size=1024):
                          f"{tuple(teacher_logits.shape)} and {tuple(uniforms.shape)}")
     if uniforms.shape[1] < 1:
         raise ValueError("uniforms must hold U >= 1 draws per row")
-    _check_temperature(temperature)
+    check_temperature(temperature)
     N, V = teacher_logits.shape
     uniforms = uniforms.to(teacher_logits.device, torch.float64)
     draws = torch.empty(uniforms.shape, dtype=torch.long, device=teacher_logits.device)  # (N, U)
-    for i in range(0, N, chunk_size):
-        p = log_probs(teacher_logits[i:i + chunk_size], temperature).exp()  # (c, V) fp32
+    for i0, i1 in common.row_chunks(N, chunk_size):
+        p = log_probs(teacher_logits[i0:i1], temperature).exp()  # (c, V) fp32
         cdf = p.cumsum(-1, dtype=torch.float64)  # (c, V), flat over classes with p = 0
         total = cdf[:, -1:]  # (c, 1), 1 up to rounding
         if not torch.isfinite(total).all():
             raise ValueError("teacher_logits has a row with no finite logit")
         # right=True: the first class whose cdf exceeds x, never one with p = 0 (its cdf equals
         # its predecessor's); the minimum guards x rounding up to the total
-        idx = torch.searchsorted(cdf, uniforms[i:i + chunk_size] * total, right=True)  # (c, U)
+        idx = torch.searchsorted(cdf, uniforms[i0:i1] * total, right=True)  # (c, U)
         last = V - 1 - (p > 0).flip(-1).int().argmax(-1, keepdim=True)  # last class with p > 0
-        draws[i:i + chunk_size] = torch.minimum(idx, last)
+        draws[i0:i1] = torch.minimum(idx, last)
     drawn = draws.sort(dim=-1).values
     first = torch.ones_like(drawn, dtype=torch.bool)
     first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]  # first occurrence of each id in the sorted row
@@ -485,176 +456,10 @@ class SparseTeacher:
     probs: torch.Tensor
 
 
-class _FusedHead(torch.autograd.Function):
-    """loss = chunk_loss over chunks of rows of (h @ W^T); grads are computed in forward.
-
-    forward: for each chunk of rows, logits (c, V) -> loss -> d loss / d logits (c, V) ->
-    grad_h[chunk] = g @ W and grad_W += g^T @ h[chunk]; the chunk's (c, V) tensors die
-    there. backward only multiplies the stored grad_h (N, d) and grad_W (V, d, fp32) by the
-    incoming scalar gradient. (Same memory as recomputing each chunk in backward with
-    torch.utils.checkpoint, without computing the logits twice.) d loss / d logits comes from
-    chunk_grad when given (a closed form, see _forward_kl_ce_grad), else from autograd.
-    """
-
-    @staticmethod
-    def forward(ctx, h, W, chunk_loss, chunk_size, chunk_grad=None):
-        need_h, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        total, gh, gW = _run_chunks(h, W, chunk_loss, chunk_size, need_h, need_W, chunk_grad)
-        ctx.w_dtype = W.dtype
-        ctx.save_for_backward(gh, gW)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        gh, gW = ctx.saved_tensors
-        if bool(grad_out != 1):  # a loss scaled before backward (e.g. / grad_accum); 1 needs no copy
-            gh = None if gh is None else gh * grad_out.to(gh.dtype)
-            gW = None if gW is None else gW * grad_out
-        return gh, None if gW is None else gW.to(ctx.w_dtype), None, None, None  # .to: no-op for fp32 heads
-
-
-def _logits(h, W, out=None):
-    """(h @ W^T).float(): the matmul in the weights' dtype (as the model's head), fp32 logits (c, V);
-    written into `out` (an fp32 buffer reused across chunks) when given."""
-    if out is None:
-        return (h @ W.T).float()
-    if W.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
-        return torch.matmul(h, W.T, out=out)
-    return out.copy_(h @ W.T)  # under bf16 autocast the matmul runs in bf16, as the model's own head would
-
-
-def _run_chunks(h, W, chunk_loss, chunk_size, need_h=False, need_W=False, chunk_grad=None):
-    """Sum chunk_loss(i0, i1, logits_fp32) over row chunks; optionally its grads wrt h and W.
-
-    The grad wrt a chunk's logits: chunk_grad(i0, i1, z) -> (loss, g) when given (it may overwrite z, a
-    buffer shared by all chunks) unless it returns None; else autograd through chunk_loss.
-    """
-    N = h.shape[0]
-    Wd, hd = matmul_weight(W.detach()), h.detach()  # (V, d) in the matmul's dtype, cast once
-    total = torch.zeros((), dtype=torch.float32, device=h.device)
-    gh = torch.zeros_like(hd) if need_h else None  # (N, d)
-    gW = None  # (V, d) fp32, made at the first chunk's gradient: after chunk_grad has dropped its scratch
-    buf = None  # (chunk, V) fp32: chunk_grad's logits, then their grad
-    for i0 in range(0, N, chunk_size):
-        i1 = min(N, i0 + chunk_size)
-        hc = hd[i0:i1]  # (c, d)
-        if need_h or need_W:
-            done = None
-            if chunk_grad is not None:
-                if buf is None:
-                    buf = torch.empty(min(N, chunk_size), Wd.shape[0], dtype=torch.float32, device=Wd.device)
-                done = chunk_grad(i0, i1, _logits(hc, Wd, buf[:i1 - i0]))  # the only student logits alive
-            if done is not None:
-                loss, g = done
-            else:
-                z = _logits(hc, Wd).requires_grad_(True)  # (c, V)
-                with torch.enable_grad():
-                    loss = chunk_loss(i0, i1, z)
-                    (g,) = torch.autograd.grad(loss, z, allow_unused=True)
-                del z
-            if g is not None:
-                g = g.to(W.dtype)  # (c, V), same cast autograd does for logits.float()
-                if need_h:  # in the matmul's dtype (bf16 under autocast), as autocast would cast g and W
-                    gh[i0:i1] = g.to(Wd.dtype) @ Wd
-                if need_W:  # accumulate in fp32 (in place, so bf16 autocast leaves it fp32), no (V, d) temporary
-                    first = gW is None  # beta = 0 ignores the fresh tensor's contents (no zero fill)
-                    if first:
-                        gW = torch.empty(W.shape, dtype=torch.float32, device=W.device)
-                    gW.addmm_(g.T.float(), hc.float(), beta=0.0 if first else 1.0)
-            del g
-        else:
-            loss = chunk_loss(i0, i1, _logits(hc, Wd))
-        total += loss.detach()
-    if need_W and gW is None:  # no rows (N = 0) or no gradient: zeros
-        gW = torch.zeros(W.shape, dtype=torch.float32, device=W.device)
-    return total, gh, gW
-
-
-def _forward_kl_ce_grad(z, y, kd_coef, ce_coef, temperature, teacher_logits=None, ids=None, probs=None):
-    """One chunk of head_loss in closed form: sum_n a_n kd_n + b_n ce_n and its gradient wrt z, no autograd.
-
-    kd_n = tau^2 KL(p_n || q_n), forward KL with q = softmax(z / tau): against a dense teacher
-    (teacher_logits (c, V), as kl_per_position) or RS-KD's sparse one (ids, probs (c, U), as rs_kd_loss);
-    ce_n = -log softmax(z)(y_n) at tau = 1 (ce_per_position). a_n, b_n are kd_coef, ce_coef (c,) where
-    > 0, else 0 (kd_coef / ce_coef None: that term is off). The gradient autograd gets through log_softmax:
-        d/dz tau^2 KL(p || q) = tau (S q - p)        S = sum_v p(v): 1 dense, sum_u p~_u RS-KD
-        d/dz CE(z, y)         = softmax(z) - onehot(y)
-    z (c, V) fp32 is overwritten with that gradient, teacher_logits with scratch; the passes run over
-    blocks of rows (_row_blocks), so temporaries stay block-sized. Returns (total, g = z), or None where
-    autograd must decide: a row with no finite max logit, or a NaN total (a teacher class with p = 0,
-    a -inf logit, gives 0 * -inf in the dense KL here; kl_per_position's `where` gives 0).
-    """
-    c, V = z.shape
-    tau = temperature
-    a = None if kd_coef is None else torch.where(kd_coef > 0, kd_coef, 0.0)  # (c,)
-    b = None if ce_coef is None else torch.where(ce_coef > 0, ce_coef, 0.0)
-    kd, ce = z.new_zeros(c), z.new_zeros(c)
-    for r0, r1 in _row_blocks(c, V, z.device):
-        zb, yb = z[r0:r1], y[r0:r1, None]  # (r, V), (r, 1)
-        q_coef = z.new_zeros(r1 - r0)  # g = q_coef * q + ...
-        if b is not None:
-            if tau != 1.0:  # CE needs softmax(z) at tau = 1 besides q
-                e1 = zb - zb.amax(-1, keepdim=True)  # (r, V)
-                ce[r0:r1] = -e1.gather(-1, yb).squeeze(-1)
-                s1 = e1.exp_().sum(-1)  # e1 = s1 softmax(z)
-                ce[r0:r1] += s1.log()
-            else:
-                q_coef += b[r0:r1]
-        if tau != 1.0:
-            zb.div_(tau)
-        m = zb.amax(-1, keepdim=True)
-        if not torch.isfinite(m).all():
-            return None
-        zb.sub_(m)  # z' = z / tau - max: log q = z' - log s
-        zy = zb.gather(-1, yb).squeeze(-1)
-        if a is not None and teacher_logits is not None:  # dense teacher: log p = t' - log st
-            tb = teacher_logits[r0:r1]
-            if tau != 1.0:
-                tb.div_(tau)
-            mt = tb.amax(-1, keepdim=True)
-            if not torch.isfinite(mt).all():
-                return None
-            et = tb.sub_(mt).exp()  # (r, V) = st p
-            st = et.sum(-1)
-            cross = tb.sub_(zb).mul_(et).sum(-1) / st  # sum_v p (t' - z')
-        elif a is not None:  # RS-KD: the sampled classes' z', before zb becomes exp(z')
-            pr = probs[r0:r1].float()
-            keep = pr > 0
-            pr_keep = torch.where(keep, pr, 0.0)
-            z_ids = zb.gather(-1, ids[r0:r1])
-        s = zb.exp_().sum(-1)  # zb = s q
-        ls = s.log()
-        if b is not None and tau == 1.0:
-            ce[r0:r1] = ls - zy
-        if a is not None:
-            ar = a[r0:r1] * tau  # KD's grad is ar (S q - p)
-            if teacher_logits is not None:
-                kd[r0:r1] = (cross - st.log() + ls) * tau ** 2
-                q_coef += ar
-            else:  # rs_kd_loss's value, term by term
-                lq = z_ids - ls[:, None]
-                diff = torch.where(keep, pr.clamp_min(1e-38).log(), 0.0) - torch.where(keep, lq, 0.0)
-                kd[r0:r1] = (pr * diff).sum(-1) * tau ** 2
-                q_coef += ar * pr_keep.sum(-1)
-        zb.mul_((q_coef / s)[:, None])  # q_coef * q
-        if a is not None and teacher_logits is not None:
-            zb.addcmul_(et, (-ar / st)[:, None])  # - ar p
-        elif a is not None:
-            zb.scatter_add_(-1, ids[r0:r1], -ar[:, None] * pr_keep)  # - ar p~ (a repeated id adds up)
-        if b is not None:
-            if tau != 1.0:
-                zb.addcmul_(e1, (b[r0:r1] / s1)[:, None])  # + b softmax(z)
-            zb.scatter_add_(-1, yb, -b[r0:r1, None])  # - b onehot(y)
-    # `where`, not a product, so a 0-weight row with an infinite loss adds nothing (as chunk_loss)
-    total = z.new_zeros(())
-    if a is not None:
-        total = total + torch.where(kd_coef > 0, kd_coef * kd, 0.0).sum()
-    if b is not None:
-        total = total + torch.where(ce_coef > 0, ce_coef * ce, 0.0).sum()
-    return None if torch.isnan(total) else (total, z)
-
-
-def _check_head_inputs(student_hidden, student_head, targets, weights, teacher, loss, lam, chunk_size):
+def check_head_inputs(student_hidden, student_head, targets, weights, teacher, loss, temperature, lam,
+                      chunk_size):
+    """head_loss's inputs (both paths): a one-line ValueError naming the flag or argument that is wrong."""
+    check_temperature(temperature)
     if loss not in LOSSES:
         raise ValueError(f"--loss must be one of {sorted(LOSSES)}, got {loss!r}")
     if not 0.0 <= lam <= 1.0:
@@ -694,6 +499,49 @@ def _check_head_inputs(student_hidden, student_head, targets, weights, teacher, 
         raise ValueError(f"teacher must be DenseTeacher or SparseTeacher, got {type(teacher).__name__}")
 
 
+def head_coefs(kd_fn, teacher_rows, targets, weights, chunks, lam, hard_frac=0.5, atkd_lam=0.2):
+    """head_loss's weights as per-row coefficients: L = sum_n kd_coef_n kd_n + ce_coef_n ce_n.
+
+    kd_coef = lam w (None when lam = 0: no KD term), ce_coef = (1 - lam) w (None when lam = 1). A loss
+    that `ranks_rows` (AT-KD) first needs every row: one no-grad pass over the chunks of teacher logits
+    (teacher_rows(i0, i1) -> (c, V)) ranks the rows and makes its group-mean coefficients
+    (_atkd_row_coefs); it returns its hard mask (N,) bool too, else hard is None.
+    """
+    w = weights.detach().float()
+    kd_coef, ce_coef, hard = (lam * w if lam > 0 else None), ((1 - lam) * w if lam < 1 else None), None
+    if kd_coef is not None and getattr(kd_fn, "ranks_rows", False):
+        with torch.no_grad():
+            unc = torch.cat([_atkd_uncertainty(teacher_rows(i0, i1), targets[i0:i1]) for i0, i1 in chunks]
+                            or [w.new_zeros(0)])
+        coef, hard = _atkd_row_coefs(unc, w, hard_frac, atkd_lam)
+        kd_coef = lam * coef
+    return kd_coef, ce_coef, hard
+
+
+def rows_loss(student_logits, teacher_rows, targets, kd_coef, ce_coef, kd_fn=kl_per_position,
+              temperature=1.0, hard=None):
+    """sum_n kd_coef_n kd_n + ce_coef_n ce_n over one chunk of rows, fp32 scalar (coefficients: head_coefs).
+
+    student_logits (c, V); teacher_rows: (c, V) teacher logits -> kd_n = kd_fn at tau (AT-KD gets its
+    hard rows), or a SparseTeacher of c rows -> kd_n = rs_kd_loss; ce_n = -log q(y_n) at tau = 1.
+    kd_coef / ce_coef (c,) or None (that term is off). `where`, not a product, so a 0-weight row with an
+    infinite loss adds nothing.
+    """
+    z, y = student_logits, targets
+    out = z.new_zeros((), dtype=torch.float32)
+    if kd_coef is not None:
+        if isinstance(teacher_rows, SparseTeacher):
+            kd = rs_kd_loss(z, teacher_rows.ids, teacher_rows.probs, temperature)
+        elif hard is not None:
+            kd = kd_fn(z, teacher_rows, y, temperature, hard=hard)
+        else:
+            kd = kd_fn(z, teacher_rows, y, temperature)
+        out = out + torch.where(kd_coef > 0, kd_coef * kd, 0.0).sum()
+    if ce_coef is not None:
+        out = out + torch.where(ce_coef > 0, ce_coef * ce_per_position(z, None, y), 0.0).sum()
+    return out
+
+
 def head_loss(student_hidden, student_head, targets, weights, teacher, loss="kl",
               temperature=1.0, lam=1.0, chunk_size=1024, hard_frac=0.5, atkd_lam=0.2):
     """Selective KD loss of one training step, straight from hidden states (paper Eq. 3-5).
@@ -717,85 +565,59 @@ def head_loss(student_hidden, student_head, targets, weights, teacher, loss="kl"
     atkd_lam * easy + (1 - atkd_lam) * hard, then multiplied by W = sum_n w_n so the KD term
     has the same overall scale as the other losses (with w_n = 1/N it equals atkd_loss).
 
-    Memory: logits exist for at most chunk_size rows at a time, in forward and backward
-    (see _FusedHead). Returns an fp32 scalar; with N = 0 it is a 0 still connected to
+    Memory: logits exist for at most chunk_size rows at a time, in forward and backward (each
+    chunk is checkpointed). Returns an fp32 scalar; with N = 0 it is a 0 still connected to
     student_head/student_hidden, so backward() works and gives zero grads.
+    fused_head.head_loss is the same function, faster.
     """
-    _check_head_inputs(student_hidden, student_head, targets, weights, teacher, loss, lam, chunk_size)
-    _check_temperature(temperature)
-    N = student_hidden.shape[0]
-    kd_fn = LOSSES[loss]
+    check_head_inputs(student_hidden, student_head, targets, weights, teacher, loss, temperature, lam,
+                      chunk_size)
+    kd_fn, chunks = LOSSES[loss], common.row_chunks(student_hidden.shape[0], chunk_size)
 
-    t_head = None  # the dense teacher's (V, d) head in the matmul's dtype, cast once for all chunks
-    if isinstance(teacher, DenseTeacher):
-        t_head = matmul_weight(teacher.head.detach().to(teacher.hidden.dtype))
-
-    def teacher_chunk(i0, i1, out=None):  # (c, V) fp32 teacher logits, no grad (into out when given)
+    def teacher_rows(i0, i1):  # what rows i0:i1's KD term is measured against, no grad
+        if isinstance(teacher, SparseTeacher):
+            return SparseTeacher(teacher.ids[i0:i1], teacher.probs[i0:i1])
         with torch.no_grad():
-            return _logits(teacher.hidden[i0:i1].detach(), t_head, out)
+            return (teacher.hidden[i0:i1] @ teacher.head.to(teacher.hidden.dtype).T).float()  # (c, V)
 
-    w = weights.detach().float()
-    kd_coef, ce_coef, hard = lam * w, (1 - lam) * w, None  # (N,), (N,)
-    if lam > 0 and getattr(kd_fn, "ranks_rows", False) and isinstance(teacher, DenseTeacher):
-        unc = torch.cat([_atkd_uncertainty(teacher_chunk(i0, i0 + chunk_size), targets[i0:i0 + chunk_size])
-                         for i0 in range(0, N, chunk_size)] or [w.new_zeros(0)])
-        coef, hard = _atkd_row_coefs(unc, w, hard_frac, atkd_lam)
-        kd_coef = lam * coef
+    kd_coef, ce_coef, hard = head_coefs(kd_fn, teacher_rows, targets, weights, chunks, lam, hard_frac, atkd_lam)
 
-    def chunk_loss(i0, i1, z):  # z (c, V) fp32 student logits -> scalar
-        y = targets[i0:i1]
-        out = z.new_zeros(())
-        if lam > 0:
-            if isinstance(teacher, SparseTeacher):
-                kd = rs_kd_loss(z, teacher.ids[i0:i1], teacher.probs[i0:i1], temperature)
-            elif hard is not None:
-                kd = kd_fn(z, teacher_chunk(i0, i1), y, temperature, hard=hard[i0:i1])
-            else:
-                kd = kd_fn(z, teacher_chunk(i0, i1), y, temperature)
-            # `where`, not a product, so a 0-weight row with an infinite loss adds nothing
-            out = out + torch.where(kd_coef[i0:i1] > 0, kd_coef[i0:i1] * kd, 0.0).sum()
-        if lam < 1:
-            ce = ce_per_position(z, None, y)
-            out = out + torch.where(ce_coef[i0:i1] > 0, ce_coef[i0:i1] * ce, 0.0).sum()
-        return out
+    def chunk_loss(h, W, i0, i1):  # rows i0:i1 -> scalar; the only (c, V) logits alive
+        z = (h @ W.T).float()  # (c, V)
+        t = teacher_rows(i0, i1) if lam > 0 else None
+        kd_c, ce_c, hard_c = (None if c is None else c[i0:i1] for c in (kd_coef, ce_coef, hard))
+        return rows_loss(z, t, targets[i0:i1], kd_c, ce_c, kd_fn, temperature, hard_c)
 
-    t_buf = None  # (chunk, V) fp32 teacher logits, reused across chunks
-
-    def chunk_grad(i0, i1, z):  # forward KL / RS-KD + CE: (loss, d loss / d z) in closed form, or None
-        nonlocal t_buf
-        t = ids = probs = None
-        if lam > 0 and isinstance(teacher, SparseTeacher):
-            ids, probs = teacher.ids[i0:i1], teacher.probs[i0:i1]
-        elif lam > 0:
-            if t_buf is None:
-                t_buf = torch.empty(min(N, chunk_size), z.shape[1], dtype=torch.float32,
-                                    device=teacher.hidden.device)
-            t = teacher_chunk(i0, i1, t_buf[:i1 - i0])
-        if i1 == N:  # the last chunk: its teacher scratch dies with this call, before the (V, d) weight grad
-            t_buf = None
-        return _forward_kl_ce_grad(z, targets[i0:i1], kd_coef[i0:i1] if lam > 0 else None,
-                                   ce_coef[i0:i1] if lam < 1 else None, temperature, t, ids, probs)
-
-    # the gradient in closed form for forward KL (marked `forward_kl`; RS-KD estimates it) and CE
-    closed = lam == 0 or isinstance(teacher, SparseTeacher) or getattr(kd_fn, "forward_kl", False)
-    if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad):
-        return _FusedHead.apply(student_hidden, student_head, chunk_loss, chunk_size,
-                                chunk_grad if closed else None)
-    return _run_chunks(student_hidden, student_head, chunk_loss, chunk_size)[0]
+    # checkpoint: backward recomputes a chunk's logits instead of keeping them (memory bounded by a chunk)
+    grad = torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad)
+    total = (student_hidden[:0].sum() + student_head[:0].sum()).float()  # 0, connected to both inputs
+    for i0, i1 in chunks:
+        args = (student_hidden[i0:i1], student_head, i0, i1)
+        total = total + (checkpoint(chunk_loss, *args, use_reentrant=False) if grad else chunk_loss(*args))
+    return total
 
 
 # ----------------------------------------------------------------------------- the loss registry
 
 def policy_for(loss_name, policy):
-    """The selection policy a run with --loss loss_name uses: the loss's own `policy` marker
+    """The selection policy a run with --loss loss_name uses: the loss's own `policy` tag
     (Weighted KD -> 'weighted') or else --policy."""
     return getattr(LOSSES[loss_name], "policy", policy)
 
 
 def supports_rs_kd(loss_name):
-    """Whether --loss loss_name can train on a sparse RS-KD target (rs_kd_loss estimates forward KL)."""
-    return getattr(LOSSES.get(loss_name), "forward_kl", False)
+    """Whether --loss loss_name can train on a sparse RS-KD target: its `rs_kd` tag says that rs_kd_loss
+    (an unbiased estimate of forward KL's gradient) may stand in for it."""
+    return getattr(LOSSES.get(loss_name), "rs_kd", False)
 
+
+# What a loss needs beyond (student_logits, teacher_logits, targets, temperature), as function attributes
+# read with getattr and a default: `policy` (the selection policy it brings), `ranks_rows` (head_loss ranks
+# every row first and passes hard=), `rs_kd` (a sparse RS-KD target may replace it). No tag picks a
+# gradient: fused_head's closed form is chosen by the function itself, so any new loss trains on its body.
+weighted_kd.policy = "weighted"
+kl_per_position.rs_kd = weighted_kd.rs_kd = True
+atkd_per_position.ranks_rows = True
 
 # `--loss NAME`: fn(student_logits, teacher_logits, targets, temperature=1.0) -> (N,) fp32.
 # A new loss is one function plus one line here.

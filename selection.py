@@ -42,11 +42,11 @@ Shapes: B batch, T positions, V vocabulary, d hidden size, N samples.
 """
 
 import math
-from fractions import Fraction
 
 import torch
 
 import common
+import fused_head
 import losses
 
 # ---------------------------------------------------------------------------------------------
@@ -64,22 +64,14 @@ def check_fraction(x, name):
     return v
 
 
-def _fraction(x):
-    # The decimal the user typed (repr is the shortest round-tripping decimal), as num/den with
-    # den <= 1e9 so that num * n stays far inside int64 for any sequence length.
-    f = Fraction(repr(float(x))).limit_denominator(10**9)
-    return f.numerator, f.denominator
-
-
 def num_selected(valid, k):
     """Budget K_b = ceil(k * n_b) per row of valid (B, T) -> (B,) int64 (Eq. 6).
 
     Exact integer arithmetic; 1 <= K_b <= n_b for a non-empty row, 0 for an empty one.
     """
     k = check_fraction(k, "k")
-    num, den = _fraction(k)
     n = valid.sum(-1).long()  # (B,)
-    K = (n * num + den - 1) // den  # ceil(n * num / den) on non-negative integers
+    K = losses.ceil_fraction(k, n)  # k read as the decimal it prints as
     K = torch.minimum(K.clamp(min=1), n)  # tiny k still keeps one position; an empty row keeps 0
     return K
 
@@ -179,13 +171,13 @@ def _ce(logits, targets):
 def student_entropy(student_logits, teacher_logits, targets, generator=None):
     """Student entropy H(q_t) = -sum_v q_t(v) log q_t(v) (Table 1; SE-KD's signal)."""
     targets = _check_targets(targets)
-    return losses.entropy(_checked(student_logits, "student_logits", targets))
+    return fused_head.entropy(_checked(student_logits, "student_logits", targets))
 
 
 def teacher_entropy(student_logits, teacher_logits, targets, generator=None):
     """Teacher entropy H(p_t) = -sum_v p_t(v) log p_t(v) (Table 1)."""
     targets = _check_targets(targets)
-    return losses.entropy(_checked(teacher_logits, "teacher_logits", targets))
+    return fused_head.entropy(_checked(teacher_logits, "teacher_logits", targets))
 
 
 def student_ce(student_logits, teacher_logits, targets, generator=None):
@@ -216,7 +208,7 @@ def kl_student_entropy(student_logits, teacher_logits, targets, generator=None):
     No term is rescaled: both are in nats, and rescaling would be a different metric from the paper's.
     """
     s, t, targets = _both(student_logits, teacher_logits, targets)
-    return losses.kl_per_position(s, t) + losses.entropy(s)
+    return losses.kl_per_position(s, t) + fused_head.entropy(s)
 
 
 def ce_ratio(student_logits, teacher_logits, targets, generator=None):
@@ -230,7 +222,7 @@ def ce_ratio_student_entropy(student_logits, teacher_logits, targets, generator=
     """CE ratio + student entropy: CE_s / max(CE_t, 1e-6) + H(q_t), a plain sum as in Table 1
     (no normalisation of either term)."""
     s, t, targets = _both(student_logits, teacher_logits, targets)
-    return _ce(s, targets) / _ce(t, targets).clamp(min=CE_EPS) + losses.entropy(s)
+    return _ce(s, targets) / _ce(t, targets).clamp(min=CE_EPS) + fused_head.entropy(s)
 
 
 def random_metric(student_logits, teacher_logits, targets, generator=None):
@@ -239,31 +231,27 @@ def random_metric(student_logits, teacher_logits, targets, generator=None):
     return _rand(targets.shape, targets.device, generator)
 
 
-# Which logits a metric reads. A new metric reads the student only, unless its name is added to
-# TEACHER_METRICS (then it gets teacher logits too; train.py refuses it when only a cache exists).
-TEACHER_METRICS = {"teacher_entropy", "teacher_ce", "kl", "reverse_kl", "kl_student_entropy",
-                    "ce_ratio", "ce_ratio_student_entropy"}
-STUDENT_FREE_METRICS = {"teacher_entropy", "teacher_ce", "random"}  # never read the student
-
-
 def _check_metric(metric):
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {sorted(METRICS)}")
 
 
 def needs_teacher(metric):
-    """True if METRICS[metric] reads teacher logits (all but student-only metrics and random)."""
+    """True if METRICS[metric] reads teacher logits: its `reads_teacher` tag (default False)."""
     _check_metric(metric)
-    return metric in TEACHER_METRICS
+    return getattr(METRICS[metric], "reads_teacher", False)
 
 
-SCORE_FREE_POLICIES = {"random"}  # policies whose weights never read the scores
+def _reads_student(metric):
+    """True unless METRICS[metric] is tagged `reads_student = False` (it never reads the student)."""
+    return getattr(METRICS[metric], "reads_student", True)
 
 
 def needs_scores(policy, k):
-    """Whether a step must score positions at all. Not for `random`, nor for top_k at k = 1 (it takes
-    every valid position): Full KD pays for no scoring pass, as in the paper's Full KD baseline."""
-    return not (policy in SCORE_FREE_POLICIES or (policy == "top_k" and k >= 1.0))
+    """Whether a step must score positions at all. Not for a policy tagged `reads_scores = False` (random),
+    nor for top_k at k = 1 (it takes every valid position): Full KD pays for no scoring pass, as in the
+    paper's Full KD baseline."""
+    return getattr(POLICIES.get(policy), "reads_scores", True) and not (policy == "top_k" and k >= 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +297,7 @@ def curriculum(scores, valid, k, progress=None, **kw):
     K = num_selected(valid, k)[:, None]  # (B, 1)
     n = valid.sum(-1, keepdim=True).long()  # (B, 1)
     asc = n - 1 - _rank_desc(s, valid)  # ascending rank; valid positions get 0 .. n_b - 1
-    num, den = _fraction(p)
+    num, den = losses.decimal_fraction(p)
     start = (n - K) * num // den  # floor(progress * (n_b - K_b)), exact, in [0, n_b - K_b]
     sel = (asc >= start) & (asc < start + K)
     return _normalise(sel, valid)
@@ -492,7 +480,8 @@ def chunked_scores(metric, student_hidden, student_head, targets, teacher_hidden
         raise ValueError(f"targets must be (B, T), got shape {tuple(targets.shape)}")
     B, T = targets.shape
     fn = METRICS[metric]
-    if metric == "random":
+    reads_s, reads_t = _reads_student(metric), needs_teacher(metric)
+    if not (reads_s or reads_t):  # random: drawn once for all (B, T), like the dense call
         return fn(None, None, targets, generator=generator)
 
     def rows(hidden, head, who):
@@ -504,27 +493,20 @@ def chunked_scores(metric, student_hidden, student_head, targets, teacher_hidden
             raise ValueError(f"{who}_head must be (V, {hidden.shape[2]}), got {tuple(head.shape)}")
         return hidden.reshape(B * T, -1)
 
-    hs = rows(student_hidden, student_head, "student") if metric not in STUDENT_FREE_METRICS else None
-    ht = rows(teacher_hidden, teacher_head, "teacher") if metric in TEACHER_METRICS else None
+    hs = rows(student_hidden, student_head, "student") if reads_s else None
+    ht = rows(teacher_hidden, teacher_head, "teacher") if reads_t else None
     y = targets.reshape(-1)
     out = torch.empty(B * T, dtype=torch.float32, device=targets.device)
-    bufs = {}  # an fp32 head outside autocast: one (chunk, V) logits buffer per head, for every chunk
-
-    def logits(x, W, name):  # (c, V) in the head's dtype
-        if W.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type):
-            return x.to(W.dtype) @ W.T
-        if name not in bufs:  # a fresh (c, V) tensor per chunk faults its pages in again on a CPU
-            bufs[name] = torch.empty(min(int(chunk_size), B * T), W.shape[0], device=x.device)
-        return torch.matmul(x.to(W.dtype), W.T, out=bufs[name][:x.shape[0]])
+    rows_max = min(int(chunk_size), B * T)
+    s_logits, t_logits = fused_head.ChunkLogits(rows_max), fused_head.ChunkLogits(rows_max)  # one buffer each
 
     with torch.no_grad():
-        Ws = losses.matmul_weight(student_head.detach()) if hs is not None else None  # cast once, not per chunk
-        Wt = losses.matmul_weight(teacher_head.detach()) if ht is not None else None
-        for i in range(0, B * T, int(chunk_size)):
-            j = min(i + int(chunk_size), B * T)
-            ls = logits(hs[i:j], Ws, "student") if hs is not None else None  # (c, V)
-            lt = logits(ht[i:j], Wt, "teacher") if ht is not None else None  # (c, V)
-            out[i:j] = fn(ls, lt, y[i:j], generator=generator)
+        Ws = fused_head.matmul_weight(student_head.detach()) if reads_s else None  # cast once, not per chunk
+        Wt = fused_head.matmul_weight(teacher_head.detach()) if reads_t else None
+        for i0, i1 in common.row_chunks(B * T, int(chunk_size)):
+            ls = s_logits(hs[i0:i1].to(Ws.dtype), Ws) if reads_s else None  # (c, V)
+            lt = t_logits(ht[i0:i1].to(Wt.dtype), Wt) if reads_t else None  # (c, V)
+            out[i0:i1] = fn(ls, lt, y[i0:i1], generator=generator)
             del ls, lt  # free this chunk's logits (outside a buffer) before the next one is built
     return out.view(B, T)
 
@@ -581,8 +563,7 @@ def select_samples(scores, l):
         raise ValueError(f"sample scores must be (N,), got shape {tuple(scores.shape)}")
     s = scores.detach().float()
     N = s.numel()
-    num, den = _fraction(l)
-    K = min(max(-(-N * num // den), 1), N) if N > 0 else 0  # ceil(l * N), exact
+    K = min(max(losses.ceil_fraction(l, N), 1), N) if N > 0 else 0
     ok = ~torch.isnan(s) & (s > -math.inf)
     rank = _rank_desc(s[None], ok[None])[0]
     keep = (rank < K) & ok
@@ -606,6 +587,15 @@ def score_samples(metric, packed, student_trunk, student_head, teacher_trunk=Non
 
 # ---------------------------------------------------------------------------------------------
 # registries (train.py and outside checks use exactly these names)
+
+# What a metric or policy reads beyond its signature, as function attributes read with getattr and a
+# default (as losses.py's tags): a metric reads the student's logits unless tagged `reads_student = False`,
+# the teacher's only when tagged `reads_teacher = True` (train.py refuses it when only a cache exists); a
+# policy reads the scores unless tagged `reads_scores = False` (then a step pays for no scoring pass).
+teacher_entropy.reads_teacher = teacher_ce.reads_teacher = kl.reads_teacher = reverse_kl.reads_teacher = True
+kl_student_entropy.reads_teacher = ce_ratio.reads_teacher = ce_ratio_student_entropy.reads_teacher = True
+teacher_entropy.reads_student = teacher_ce.reads_student = random_metric.reads_student = False
+random_positions.reads_scores = False
 
 METRICS = {
     "student_entropy": student_entropy,

@@ -10,8 +10,13 @@ from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import common  # noqa: E402
+import fused_head  # noqa: E402
 import losses as L  # noqa: E402
+from selective_head import Tracker  # noqa: E402
+
+HEADS = sorted(fused_head.HEADS)  # every head_loss test runs on the plain path and on the fast one
 
 
 def _gen(seed=0):
@@ -49,6 +54,16 @@ def test_reverse_kl_is_kl_of_swapped_arguments():
                    reduction="none", log_target=True).sum(-1)
     torch.testing.assert_close(L.reverse_kl_per_position(s, t), ref, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(L.reverse_kl_per_position(s, t), L.kl_per_position(s, t))
+
+
+def test_reverse_kl_at_T2_is_T_squared_times_the_formula():
+    # written out: T^2 sum_v q (log q - log p) with q = softmax(s / T), p = softmax(t / T), in fp64
+    t, s = _logits(4, 9, seed=3), _logits(4, 9, seed=4)
+    lq, lp = torch.log_softmax(s.double() / 2, -1), torch.log_softmax(t.double() / 2, -1)
+    want = 4 * (lq.exp() * (lq - lp)).sum(-1)
+    torch.testing.assert_close(L.reverse_kl_per_position(s, t, temperature=2.0).double(), want,
+                               atol=1e-6, rtol=1e-5)
+    assert (want > 1e-3).all()
 
 
 def test_registry_signature_and_ce():
@@ -162,6 +177,22 @@ def test_sample_classes_contract():
         L.sample_classes(t, u[:3])
 
 
+def test_sample_classes_never_draws_a_zero_probability_class_at_a_cdf_boundary():
+    # u * cdf(V) exactly on a boundary: u = 0 with p(0) = 0, and u = cdf(v) before a class with p = 0 (and at
+    # the end of the cdf); the draw is the first class whose cdf exceeds u, never one with p = 0
+    NEG = float("-inf")
+    t = torch.tensor([[NEG, 0.0, 0.0],          # p = [0, .5, .5]
+                      [0.0, NEG, 0.0],          # p = [.5, 0, .5]
+                      [0.0, 0.0, NEG],          # p = [.5, .5, 0]
+                      [NEG, NEG, 0.0]])         # p = [0, 0, 1]
+    u = torch.tensor([[0.0, 0.5], [0.5, 0.0], [0.5, 0.0], [0.0, 0.5]], dtype=torch.float64)
+    ids, counts = L.sample_classes(t, u)
+    drawn = [ids[r].repeat_interleave(counts[r].long()).tolist() for r in range(4)]
+    assert drawn == [[1, 2], [0, 2], [0, 1], [2, 2]], drawn
+    p = torch.softmax(t, -1)
+    assert all(p[r, v] > 0 for r in range(4) for v in drawn[r])
+
+
 def test_sample_classes_is_inverse_cdf_in_fp64():
     # draw u is the first class v with u * cdf(V) < cdf(v), the cdf summed in fp64 from fp32 p: the
     # exact rule the cache build used (a CUDA fp32 cumsum over V = 2^17 classes drifts by several)
@@ -232,6 +263,23 @@ def test_rs_kd_with_exact_full_support_equals_kl(T):
     torch.testing.assert_close(L.rs_kd_loss(s, ids_pad, p_pad, T), L.rs_kd_loss(s, ids, p, T))
 
 
+def test_sparse_kl_is_the_one_rs_kd_kl():
+    # sum_u p~_u (log p~_u - lq_u), no tau^2; entries with p~ = 0 add exactly 0 (value and gradient), even at
+    # lq = -inf; rs_kd_loss is sparse_kl of the student's log-probs at the ids, times tau^2
+    lq = torch.tensor([[-1.0, -2.0, float("-inf")], [-0.5, -0.5, -3.0]], requires_grad=True)
+    probs = torch.tensor([[0.75, 0.25, 0.0], [0.5, 0.0, 0.5]])
+    got = L.sparse_kl(lq, probs)
+    want = torch.tensor([0.75 * (math.log(0.75) + 1) + 0.25 * (math.log(0.25) + 2),
+                         0.5 * (math.log(0.5) + 0.5) + 0.5 * (math.log(0.5) + 3)])
+    torch.testing.assert_close(got, want)
+    (g,) = torch.autograd.grad(got.sum(), lq)
+    assert torch.equal(g, torch.tensor([[-0.75, -0.25, 0.0], [-0.5, 0.0, -0.5]]))
+    s, ids = _logits(3, 9, seed=27), torch.randint(0, 9, (3, 4), generator=_gen(28))
+    pr = torch.rand(3, 4, generator=_gen(29)) * (torch.rand(3, 4, generator=_gen(30)) > 0.3)
+    torch.testing.assert_close(L.rs_kd_loss(s, ids, pr, 2.0),
+                               4 * L.sparse_kl(L.log_probs(s, 2.0).gather(-1, ids), pr))
+
+
 def test_rs_kd_gradient_is_unbiased():
     V, U, S = 12, 4, 20000
     t = _logits(1, V, seed=18)
@@ -267,41 +315,12 @@ def test_entropy_and_chunked_entropy_match_dense():
     assert L.log_probs(logits.bfloat16()).dtype == torch.float32
 
 
-def _entropy64(x, T=1.0):
-    """The entropy's defining formula in fp64, 0 log 0 = 0 (NaN for a row with no finite logit)."""
-    lq = torch.log_softmax(x.double() / T, -1)
-    q = lq.exp()
-    return -(q * torch.where(q > 0, lq, 0.0)).sum(-1)
-
-
-def test_entropy_without_grad_matches_the_definition(monkeypatch):
-    # without grad, entropy takes a shortcut (log s - sum_v e (z - m) / s over blocks of rows); it must keep
-    # 0 log 0 = 0 for -inf logits, NaN for a row with no finite logit, tau, bf16, and every block boundary
-    monkeypatch.setattr(L, "_row_blocks", lambda n, V, device: [(i, min(n, i + 3)) for i in range(0, n, 3)])
-    x = _logits(2, 5, 257, seed=24, scale=6.0)
-    x[0, 1, 5:] = float("-inf")  # a masked vocabulary
-    x[1, 2] = float("-inf")  # no finite logit
-    x[1, 3, :] = float("-inf")
-    x[1, 3, 7] = 0.0  # one-hot
-    for T in (1.0, 0.7, 3.0):
-        got = L.entropy(x, T)
-        assert got.shape == (2, 5) and got.dtype == torch.float32
-        torch.testing.assert_close(got.double(), _entropy64(x, T), atol=2e-6, rtol=1e-6, equal_nan=True)
-    assert torch.isnan(L.entropy(x)[1, 2]) and L.entropy(x)[1, 3].item() == 0.0
-    xb = x.bfloat16()
-    torch.testing.assert_close(L.entropy(xb, 2.0), L.entropy(xb.float(), 2.0), equal_nan=True)
-    # the gradient path (exact form) still works and agrees
-    s = x[0].clone().requires_grad_(True)
-    H = L.entropy(s, 1.5)
-    (g,) = torch.autograd.grad(H.sum(), s)
-    assert not torch.isnan(g).any()
-    torch.testing.assert_close(H.detach(), L.entropy(x[0], 1.5), atol=2e-6, rtol=1e-6)
-
-
-def test_entropy_accuracy_against_fp64():
-    # a wide vocabulary: the shortcut stays within 2e-6 nats of fp64 (fp32 log_softmax drifts further)
-    x = _logits(4, 40000, seed=25, scale=4.0)
-    assert (L.entropy(x).double() - _entropy64(x)).abs().max() < 2e-6
+def test_ceil_fraction_is_exact():
+    assert 0.28 * 25 > 7 and math.ceil(0.28 * 25) == 8  # the float trap
+    assert L.ceil_fraction(0.28, 25) == 7 and L.ceil_fraction(0.5, 5) == 3 and L.ceil_fraction(0.2, 7) == 2
+    assert L.ceil_fraction(1.0, 13) == 13 and L.ceil_fraction(0.3, 0) == 0 and L.ceil_fraction(0.5, 4) == 2
+    assert torch.equal(L.ceil_fraction(0.6, torch.tensor([25, 10, 0])), torch.tensor([15, 6, 0]))
+    assert L.decimal_fraction(0.28) == (7, 25)
 
 
 # ----------------------------------------------------------------------------- head_loss
@@ -340,9 +359,11 @@ def _dense_head_loss(h, W, y, w, t_logits, loss, T, lam):
 @pytest.mark.parametrize("loss,T,lam", [("kl", 1.0, 1.0), ("kl", 2.0, 0.6), ("reverse_kl", 1.5, 1.0),
                                         ("dkd", 1.0, 0.5), ("atkd", 1.0, 1.0), ("atkd", 2.0, 0.7),
                                         ("weighted", 1.0, 1.0), ("kl", 1.0, 0.0)])
-def test_head_loss_value_and_grad_parity(loss, T, lam):
+@pytest.mark.parametrize("head", HEADS)
+def test_head_loss_value_and_grad_parity(head, loss, T, lam):
     h, W, ht, Wt, y, w = _rows()
-    got = L.head_loss(h, W, y, w, L.DenseTeacher(ht, Wt), loss=loss, temperature=T, lam=lam, chunk_size=5)
+    got = fused_head.HEADS[head](h, W, y, w, L.DenseTeacher(ht, Wt), loss=loss, temperature=T, lam=lam,
+                                 chunk_size=5)
     g_h, g_W = torch.autograd.grad(got, [h, W])
     ref = _dense_head_loss(h, W, y, w, ht @ Wt.T, loss, T, lam)
     r_h, r_W = torch.autograd.grad(ref, [h, W])
@@ -352,15 +373,21 @@ def test_head_loss_value_and_grad_parity(loss, T, lam):
     assert g_W.abs().max() > 1e-3
 
 
-def test_head_loss_backward_scales_with_the_incoming_gradient():
-    # train.py backpropagates loss / grad_accum: the fused head must scale its stored grads (and keep them
-    # when the incoming gradient is exactly 1, its copy-free fast path)
+@pytest.mark.parametrize("head", HEADS)
+def test_lam_weighs_kd_and_ce_as_written(head):
+    # L = lam * KD + (1 - lam) * CE at lam = 0.3, written out (a swapped lam gives 0.7 KD + 0.3 CE)
     h, W, ht, Wt, y, w = _rows()
-    one = torch.autograd.grad(L.head_loss(h, W, y, w, L.DenseTeacher(ht, Wt), chunk_size=5), [h, W])
-    third = torch.autograd.grad(L.head_loss(h, W, y, w, L.DenseTeacher(ht, Wt), chunk_size=5) / 3, [h, W])
-    for a, b in zip(one, third):
-        torch.testing.assert_close(b, a / 3)
-        assert a.abs().max() > 1e-3
+    s, t = h @ W.T, ht @ Wt.T
+    kd, ce = L.kl_per_position(s, t), F.cross_entropy(s, y, reduction="none")  # (N,)
+    want = 0.3 * (w * kd).sum() + 0.7 * (w * ce).sum()
+    assert abs((w * kd).sum() - (w * ce).sum()) > 0.1  # so a swap shows
+    got = fused_head.HEADS[head](h, W, y, w, L.DenseTeacher(ht, Wt), lam=0.3, chunk_size=5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, [h, W]), torch.autograd.grad(want, [h, W])):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    w_bt, kd_bt, ce_bt = w.detach()[None], kd.detach()[None], ce.detach()[None]  # one sequence: |I| = 1
+    torch.testing.assert_close(L.selective_kd_loss(kd_bt, w_bt, ce_bt, lam=0.3), want.detach(),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_head_loss_atkd_equals_atkd_loss_with_uniform_weights():
@@ -453,6 +480,8 @@ def test_normalise_by_samples_divides_by_sequences_not_tokens():
     kd = torch.tensor([[1.0, 3.0, 9.0, 9.0], [9.0, 9.0, 9.0, 9.0], [4.0, 4.0, 4.0, 4.0]])
     assert L.selective_kd_loss(kd, w).item() == pytest.approx((2.0 + 4.0) / 2)
     assert torch.equal(L.normalise_by_samples(torch.zeros(2, 3)), torch.zeros(2, 3))
+    one = torch.tensor([[0.0, 0.0], [0.3, 0.2]])  # one sequence with weight: |I| = 1, the weights as they are
+    assert torch.equal(L.normalise_by_samples(one), one)
 
 
 def test_selective_kd_loss_hand_example():
@@ -474,123 +503,6 @@ def test_head_loss_no_grad_path_matches():
     torch.testing.assert_close(no_grad, with_grad.detach())
 
 
-def _chunk_by_autograd(z, y, kd_coef, ce_coef, T, t=None, ids=None, probs=None):
-    """head_loss's chunk_loss (where-weighted forward KL or RS-KD plus CE) and its grad wrt z, by autograd."""
-    z = z.clone().requires_grad_(True)
-    out = z.new_zeros(())
-    if kd_coef is not None:
-        kd = L.kl_per_position(z, t, y, T) if ids is None else L.rs_kd_loss(z, ids, probs, T)
-        out = out + torch.where(kd_coef > 0, kd_coef * kd, 0.0).sum()
-    if ce_coef is not None:
-        out = out + torch.where(ce_coef > 0, ce_coef * L.ce_per_position(z, None, y), 0.0).sum()
-    (g,) = torch.autograd.grad(out, z)
-    return out.detach(), g
-
-
-@pytest.mark.parametrize("kind", ["dense", "sparse"])
-@pytest.mark.parametrize("T", [1.0, 0.5, 2.5])
-@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
-def test_closed_form_chunk_matches_autograd(monkeypatch, kind, T, lam):
-    # d/dz tau^2 KL(p || softmax(z / tau)) = tau (S q - p), d/dz CE = softmax(z) - onehot(y): value and grad
-    # of a chunk as autograd gets them, incl. weight-0 rows with an infinite loss and classes with p = 0
-    monkeypatch.setattr(L, "_row_blocks", lambda n, V, device: [(i, min(n, i + 4)) for i in range(0, n, 4)])
-    c, V = 11, 97
-    z, t = _logits(c, V, seed=80, scale=3.0), _logits(c, V, seed=81, scale=3.0)
-    y = torch.randint(0, V, (c,), generator=_gen(82))
-    w = torch.rand(c, generator=_gen(83)) + 0.1
-    w[[2, 7]] = 0.0
-    w[10] = -0.5  # a weight <= 0 adds nothing either (chunk_loss's `where`)
-    z[2, 3] = float("-inf")  # q = 0 where p > 0: KL = inf on a weight-0 row, which must add nothing
-    z[7, y[7]] = float("-inf")  # CE = inf on a weight-0 row
-    z[5, 40:50] = -1e4  # q underflows to 0 on a kept row
-    t[4, 10:20] = -1e4  # p = 0 (finite logits)
-    ids = probs = None
-    if kind == "sparse":
-        ids, probs = _sparse(t, 6, seed=84, temperature=T)
-        ids = torch.cat([ids, torch.full((c, 2), 3)], 1)  # padding (prob 0), at row 2's -inf logit too
-        probs = torch.cat([probs, torch.zeros(c, 2)], 1)
-        probs[1] *= 0.75  # rs_kd_loss takes any probs: its grad is tau (S q - p~) with S = sum p~ = 0.75 here
-    kd_coef = lam * w if lam > 0 else None
-    ce_coef = (1 - lam) * w if lam < 1 else None
-    t_dense = t.clone() if kind == "dense" else None  # overwritten, as z
-    got = L._forward_kl_ce_grad(z.clone(), y, kd_coef, ce_coef, T, t_dense, ids, probs)
-    assert got is not None
-    ref = _chunk_by_autograd(z, y, kd_coef, ce_coef, T, t, ids, probs)
-    torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got[1], ref[1], atol=1e-6, rtol=1e-5)
-    assert torch.isfinite(got[0]) and torch.equal(got[1][[2, 7, 10]], torch.zeros(3, V))
-    assert got[1].abs().max() > 0.01
-
-
-def test_closed_form_leaves_masked_teacher_vocab_to_autograd():
-    # a -inf teacher logit (p = 0) is 0 * -inf in the closed form's KL: it says so (None), and head_loss then
-    # takes autograd for that chunk, which gives the dense reference
-    z, t = _logits(3, 20, seed=85), _logits(3, 20, seed=86)
-    t[1, 4] = float("-inf")
-    y, w = torch.tensor([1, 2, 3]), torch.ones(3)
-    assert L._forward_kl_ce_grad(z.clone(), y, w, None, 1.0, t.clone()) is None
-    h, W, ht, Wt, y, w = _rows(V=41)
-    Wt, ht = Wt.clone(), ht.clone()
-    Wt[7] = 0.0
-    Wt[7, 0] = float("-inf")  # teacher logit of class 7 is -inf on every row with ht[:, 0] > 0
-    ht[:, 0] = ht[:, 0].abs() + 0.1
-    got = L.head_loss(h, W, y, w, L.DenseTeacher(ht, Wt), temperature=2.0, lam=0.5, chunk_size=5)
-    ref = _dense_head_loss(h, W, y, w, ht @ Wt.T, "kl", 2.0, 0.5)
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    for a, b in zip(torch.autograd.grad(got, [h, W]), torch.autograd.grad(ref, [h, W])):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("teacher_kind,loss", [("dense", "kl"), ("dense", "weighted"), ("sparse", "kl")])
-@pytest.mark.parametrize("T", [1.0, 0.5, 2.5])
-@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
-def test_head_loss_closed_form_matches_autograd_path(monkeypatch, teacher_kind, loss, T, lam):
-    # the fused head's closed form vs its autograd path (the closed form switched off) vs the dense reference:
-    # the value and the grads of h and W
-    h, W, ht, Wt, y, w = _rows(V=211)
-    w[[0, 9]] = 0.0  # weight-0 rows add nothing
-    if teacher_kind == "dense":
-        teacher = L.DenseTeacher(ht, Wt)
-    else:
-        ids, probs = _sparse(ht @ Wt.T, 8, seed=87, temperature=T)
-        teacher = L.SparseTeacher(ids, probs)
-    closed, calls = L._forward_kl_ce_grad, []
-    monkeypatch.setattr(L, "_forward_kl_ce_grad", lambda *a: calls.append(1) or closed(*a))
-
-    def run():
-        out = L.head_loss(h, W, y, w, teacher, loss=loss, temperature=T, lam=lam, chunk_size=7)
-        return (out, *torch.autograd.grad(out, [h, W]))
-
-    got = run()
-    assert len(calls) == 4  # ceil(23 / 7) chunks, every one in closed form
-    monkeypatch.setattr(L, "_forward_kl_ce_grad", lambda *a: None)  # autograd for every chunk
-    by_autograd = run()
-    s = h @ W.T
-    if teacher_kind == "dense":
-        dense = _dense_head_loss(h, W, y, w, ht @ Wt.T, loss, T, lam)
-    else:
-        ce = F.cross_entropy(s, y, reduction="none")
-        dense = (w * (lam * L.rs_kd_loss(s, ids, probs, T) + (1 - lam) * ce)).sum()
-    dense = (dense, *torch.autograd.grad(dense, [h, W]))
-    for a, b, c in zip(got, by_autograd, dense):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
-    assert got[2].abs().max() > 1e-3 and torch.equal(got[1][[0, 9]], torch.zeros(2, h.shape[1]))
-
-
-@pytest.mark.parametrize("loss", ["reverse_kl", "dkd", "atkd"])
-def test_head_loss_closed_form_only_for_forward_kl(monkeypatch, loss):
-    # any loss not marked forward_kl goes through autograd; forward KL, RS-KD and pure CE (lam = 0) do not
-    calls = []
-    monkeypatch.setattr(L, "_forward_kl_ce_grad", lambda *a: calls.append(1))  # None: autograd decides
-    h, W, ht, Wt, y, w = _rows()
-    L.head_loss(h, W, y, w, L.DenseTeacher(ht, Wt), loss=loss, lam=0.5, chunk_size=5).backward()
-    assert not calls and not getattr(L.LOSSES[loss], "forward_kl", False)
-    L.head_loss(h, W, y, w, L.DenseTeacher(ht, Wt), loss=loss, lam=0.0, chunk_size=5).backward()
-    assert len(calls) == 5
-    assert L.kl_per_position.forward_kl and L.weighted_kd.forward_kl
-
-
 # ----------------------------------------------------------------------------- memory
 
 B_, T_, D_, V_, C_ = 4, 30, 8, 101, 16  # N = 120 rows; D_ <= C_ so (V, d) < C_ x V elements
@@ -599,27 +511,6 @@ B_, T_, D_, V_, C_ = 4, 30, 8, 101, 16  # N = 120 rows; D_ <= C_ so (V, d) < C_ 
 def _mem_case(seed=50):
     h, W, ht, Wt, y, w = _rows(N=B_ * T_, d=D_, dt=6, V=V_, seed=seed)
     return h, W, L.DenseTeacher(ht, Wt), y, w
-
-
-@pytest.mark.parametrize("loss", ["kl", "atkd"])
-def test_head_loss_saved_tensors_are_chunk_sized(loss):
-    h, W, teacher, y, w = _mem_case()
-    shapes = []
-
-    def pack(t):
-        shapes.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = L.head_loss(h, W, y, w, teacher, loss=loss, lam=0.5, chunk_size=C_)
-    out.backward()
-    assert shapes and all(math.prod(s) <= C_ * V_ for s in shapes), max(shapes, key=math.prod)
-    assert h.grad is not None and W.grad is not None
-    # the same probe does see the (N, V) tensors of the dense computation
-    shapes.clear()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _dense_head_loss(h, W, y, w, teacher.hidden @ teacher.head.T, loss, 1.0, 0.5)
-    assert max(math.prod(s) for s in shapes) >= B_ * T_ * V_
 
 
 class _MaxNumel(TorchDispatchMode):
@@ -638,15 +529,16 @@ class _MaxNumel(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("teacher_kind", ["dense", "sparse"])
-def test_selective_path_never_builds_BTV(teacher_kind):
+def test_selective_path_never_builds_BTV(head, teacher_kind):
     h, W, teacher, y, w = _mem_case(seed=51)
     if teacher_kind == "sparse":
         ids, probs = _sparse(teacher.hidden @ teacher.head.T, 8, seed=52)
         teacher = L.SparseTeacher(ids, probs)
     rec = _MaxNumel()
     with rec:
-        out = L.head_loss(h, W, y, w, teacher, loss="kl", lam=0.9, chunk_size=C_)
+        out = fused_head.HEADS[head](h, W, y, w, teacher, loss="kl", lam=0.9, chunk_size=C_)
         out.backward()
         ent = L.chunked_entropy(h.detach().reshape(B_, T_, D_), W.detach(), chunk_size=C_)
     assert ent.shape == (B_, T_)
@@ -659,86 +551,43 @@ def test_selective_path_never_builds_BTV(teacher_kind):
     assert dense.max_numel == B_ * T_ * V_
 
 
-def test_fused_head_peak_is_weight_grad_plus_one_chunk():
-    """In one chunk, the teacher's scratch dies before the (V, d) weight gradient is made, so the live
-    peak is grad W + the chunk's logits (+ grad h), not grad W + student + teacher logits + a temporary.
-    Live bytes counted by bench/selective_head.py's Tracker (every storage an op makes, until freed)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-    from selective_head import Tracker
-    g = torch.Generator().manual_seed(61)
-    N, d, V = 64, 256, 4096  # grad W (V, d) = 4 MB; a chunk's logits (N, V) = 1 MB
-    h = torch.randn(N, d, generator=g).requires_grad_(True)
-    W = (torch.randn(V, d, generator=g) * 0.05).requires_grad_(True)
-    teacher = L.DenseTeacher(torch.randn(N, d, generator=g), torch.randn(V, d, generator=g) * 0.05)
-    y, w = torch.randint(0, V, (N,), generator=g), torch.full((N,), 1.0 / N)
-    with Tracker(V) as tr:
-        L.head_loss(h, W, y, w, teacher, chunk_size=N).backward()
-    grad_w, chunk = 4 * V * d, 4 * N * V
-    assert grad_w + chunk <= tr.peak <= grad_w + chunk + 4 * N * d + 64 * 1024, tr.peak
-    assert W.grad is not None and h.grad is not None
+@pytest.mark.parametrize("loss", ["kl", "dkd"])
+def test_plain_head_keeps_no_logits_for_backward(loss):
+    # each chunk is checkpointed: between forward and backward no (c, V) tensor is alive (backward
+    # recomputes them), while the same loss by autograd over the chunks keeps some for every chunk
+    h, W, teacher, y, w = _mem_case(seed=53)
+    with Tracker(V_) as tr:
+        out = L.head_loss(h, W, y, w, teacher, loss=loss, chunk_size=C_)
+        kept = tr.cur_logits
+        out.backward()
+    assert kept == 0 and tr.max_logits > 0, (kept, tr.max_logits)
 
+    def chunk(i0, i1):  # the same chunk without a checkpoint: autograd keeps its (c, V) tensors for backward
+        z, t = h[i0:i1] @ W.T, teacher.hidden[i0:i1] @ teacher.head.T
+        return (w[i0:i1] * L.LOSSES[loss](z, t, y[i0:i1])).sum()
 
-class _HeadCasts(TorchDispatchMode):
-    """Counts dtype casts of a tensor shaped like the head W (V, d) or its transpose."""
-
-    def __init__(self, shape):
-        super().__init__()
-        self.shapes, self.n = {tuple(shape), tuple(shape)[::-1]}, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) in self.shapes:
-            self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
-def test_head_is_cast_once_per_call_under_bf16_autocast():
-    """Under bf16 autocast an fp32 head multiplied chunk by chunk is cast to bf16 once per call (not once
-    per chunk, a (V, d) copy each: 0.4 s of a 2.9 s bf16 CPU step), with the values of autocast's per-chunk casts."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    import selection
-    g = torch.Generator().manual_seed(62)
-    N, d, V, chunk = 12, 8, 40, 3  # 4 chunks
-    h, W = torch.randn(N, d, generator=g), torch.randn(V, d, generator=g)
-    teacher = L.DenseTeacher(torch.randn(N, d, generator=g), torch.randn(V, d, generator=g))
-    y, w = torch.randint(0, V, (N,), generator=g), torch.full((N,), 1.0 / N)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref_H = torch.cat([L.entropy(h[i:i + chunk] @ W.T) for i in range(0, N, chunk)])  # autocast's casts
-        with _HeadCasts(W.shape) as casts:
-            H = L.chunked_entropy(h, W, chunk)
-        assert casts.n == 1 and torch.equal(H, ref_H)
-        with _HeadCasts(W.shape) as casts:
-            S = selection.chunked_scores("student_entropy", h[None], W, y[None], chunk_size=chunk)
-        assert casts.n == 1 and torch.equal(S[0], ref_H)
-        hs, Ws = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
-        with _HeadCasts(W.shape) as casts:
-            loss = L.head_loss(hs, Ws, y, w, teacher, chunk_size=chunk)
-            loss.backward()
-        assert casts.n == 2  # the student's head and the teacher's, once each
-    hr, Wr = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the dense reference: autocast's own casts
-        zs, zt = (hr @ Wr.T).float(), (teacher.hidden @ teacher.head.T).float()
-    ref = (L.kl_per_position(zs, zt) * w).sum()
-    ref.backward()
-    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
-    assert Ws.grad.dtype == torch.float32
-    for ours, theirs in ((Ws.grad, Wr.grad), (hs.grad, hr.grad)):  # bf16 rounding of the grads' matmuls
-        assert float((ours - theirs).abs().max()) <= 1e-2 * float(theirs.abs().max())
+    with Tracker(V_) as tr:  # the probe does see them
+        ref = sum(chunk(i0, i1) for i0, i1 in common.row_chunks(len(y), C_))
+        assert tr.cur_logits > 4 * C_ * V_
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- edge cases
 
-def test_empty_selection():
+@pytest.mark.parametrize("head", HEADS)
+def test_empty_selection(head):
+    head_loss = fused_head.HEADS[head]
     W = torch.randn(11, 4, requires_grad=True)
     h = torch.zeros(0, 4, requires_grad=True)
     teacher = L.DenseTeacher(torch.zeros(0, 3), torch.randn(11, 3))
     for loss in ("kl", "atkd", "dkd"):
-        out = L.head_loss(h, W, torch.zeros(0, dtype=torch.long), torch.zeros(0), teacher, loss=loss, lam=0.5)
+        out = head_loss(h, W, torch.zeros(0, dtype=torch.long), torch.zeros(0), teacher, loss=loss, lam=0.5)
         assert out.item() == 0.0 and out.grad_fn is not None
         out.backward()
         assert torch.equal(W.grad, torch.zeros_like(W))
         W.grad = None
     sparse = L.SparseTeacher(torch.zeros(0, 5, dtype=torch.long), torch.zeros(0, 5))
-    out = L.head_loss(h, W, torch.zeros(0, dtype=torch.long), torch.zeros(0), sparse)
+    out = head_loss(h, W, torch.zeros(0, dtype=torch.long), torch.zeros(0), sparse)
     out.backward()
     assert out.item() == 0.0 and torch.equal(W.grad, torch.zeros_like(W))
     # empty rows for the plain functions and the dense path
@@ -775,7 +624,8 @@ def test_no_nan_with_inf_logits():
     assert (ids[probs > 0] < 6).all() and torch.isfinite(L.rs_kd_loss(s, ids, probs)).all()
 
 
-def test_bf16_inputs():
+@pytest.mark.parametrize("head", HEADS)
+def test_bf16_inputs(head):
     t, s = _logits(5, 12, seed=70).bfloat16(), _logits(5, 12, seed=71).bfloat16()
     y = torch.randint(0, 12, (5,), generator=_gen(72))
     for name, fn in [*L.LOSSES.items(), ("ce", L.ce_per_position)]:
@@ -783,7 +633,7 @@ def test_bf16_inputs():
         assert got.dtype == torch.float32, name
         torch.testing.assert_close(got, fn(s.float(), t.float(), y, 2.0), atol=1e-6, rtol=1e-5)
     h, W, ht, Wt, y, w = _rows(dtype=torch.bfloat16)
-    out = L.head_loss(h, W, y, w, L.DenseTeacher(ht, Wt), loss="dkd", lam=0.5, chunk_size=4)
+    out = fused_head.HEADS[head](h, W, y, w, L.DenseTeacher(ht, Wt), loss="dkd", lam=0.5, chunk_size=4)
     out.backward()
     assert out.dtype == torch.float32 and torch.isfinite(out)
     assert h.grad.dtype == W.grad.dtype == torch.bfloat16
@@ -797,21 +647,27 @@ def test_bf16_inputs():
     assert ent.dtype == torch.float32 and torch.isfinite(ent).all()
 
 
-def test_bad_inputs_raise_clear_errors():
+@pytest.mark.parametrize("head", HEADS)
+def test_bad_inputs_raise_clear_errors(head):
+    head_loss = fused_head.HEADS[head]
     h, W, ht, Wt, y, w = _rows(N=6)
     dense, sparse = L.DenseTeacher(ht, Wt), L.SparseTeacher(*_sparse(ht @ Wt.T, 4))
     with pytest.raises(ValueError, match="--loss"):
-        L.head_loss(h, W, y, w, sparse, loss="dkd")
+        head_loss(h, W, y, w, sparse, loss="dkd")
     with pytest.raises(ValueError, match="--loss"):
-        L.head_loss(h, W, y, w, dense, loss="mse")
+        head_loss(h, W, y, w, dense, loss="mse")
     with pytest.raises(ValueError, match="teacher"):
-        L.head_loss(h, W, y, w, None)
+        head_loss(h, W, y, w, None)
     with pytest.raises(ValueError, match="targets"):
-        L.head_loss(h, W, torch.full((6,), 999), w, dense)
+        head_loss(h, W, torch.full((6,), 999), w, dense)
     with pytest.raises(ValueError, match="DenseTeacher"):
-        L.head_loss(h, W, y, w, L.DenseTeacher(ht, Wt[:-1]))
+        head_loss(h, W, y, w, L.DenseTeacher(ht, Wt[:-1]))
     with pytest.raises(ValueError, match="--lam"):
-        L.head_loss(h, W, y, w, dense, lam=1.5)
+        head_loss(h, W, y, w, dense, lam=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        head_loss(h, W, y, w, dense, temperature=0.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        head_loss(h, W, y, w, dense, chunk_size=0)
     # lam = 0 (pure CE) needs no teacher
-    out = L.head_loss(h, W, y, w, None, lam=0.0)
+    out = head_loss(h, W, y, w, None, lam=0.0)
     torch.testing.assert_close(out, (w * F.cross_entropy(h @ W.T, y, reduction="none")).sum())

@@ -2,6 +2,7 @@
 padding, the unbiasedness of position RS (Appendix A) by Monte Carlo, GLS's quantile threshold,
 the curriculum's ends, sample selection and the chunked (no (B, T, V) logits) scoring path."""
 
+import functools
 import math
 import os
 import sys
@@ -13,6 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import fused_head  # noqa: E402
 import losses  # noqa: E402
 import selection as S  # noqa: E402
 
@@ -99,6 +101,30 @@ def test_needs_teacher():
         S.needs_teacher("entropy")
 
 
+def test_what_a_metric_reads_is_its_own_tag(monkeypatch):
+    # a new metric reads the student only; tagged reads_teacher it gets teacher logits too, and tagged
+    # reads_student = False it gets no student logits (no student hidden states needed)
+    hs, Ws, y, ht, Wt = _hidden(28)
+    seen = []
+
+    def margin(student_logits, teacher_logits, targets, generator=None):
+        seen.append((student_logits is not None, teacher_logits is not None))
+        t = teacher_logits if teacher_logits is not None else student_logits
+        return t.float().max(-1).values
+
+    monkeypatch.setitem(S.METRICS, "margin", margin)
+    assert not S.needs_teacher("margin")
+    S.chunked_scores("margin", hs, Ws, y, chunk_size=8)
+    assert set(seen) == {(True, False)}
+    monkeypatch.setattr(margin, "reads_teacher", True, raising=False)
+    monkeypatch.setattr(margin, "reads_student", False, raising=False)
+    seen.clear()
+    assert S.needs_teacher("margin")
+    out = S.chunked_scores("margin", None, None, y, ht, Wt, chunk_size=8)
+    assert set(seen) == {(False, True)}
+    torch.testing.assert_close(out, (ht @ Wt.T).max(-1).values)
+
+
 def test_registries_have_the_public_keys():
     assert set(S.METRICS) == set(ALL_METRICS)
     assert set(ALL_POLICIES) | {"weighted"} == set(S.POLICIES)
@@ -144,12 +170,14 @@ def test_random_metric_is_uniform_seeded_and_ignores_logits():
 
 
 def test_metrics_use_the_one_entropy_and_kl(monkeypatch):
-    # one place per idea: the metrics call losses.entropy / losses.kl_per_position, no private copies
-    assert not any(hasattr(S, n) for n in ("_entropy", "_kl", "_logprobs"))
+    # one place per idea: the metrics call fused_head.entropy (losses.entropy's value, fast without grad) and
+    # losses.kl_per_position / reverse_kl_per_position / ce_per_position, no private copies
+    assert not any(hasattr(S, n) for n in ("_entropy", "_kl", "_logprobs", "_fraction"))
     calls = []
-    for name in ("entropy", "kl_per_position", "reverse_kl_per_position", "ce_per_position"):
-        fn = getattr(losses, name)
-        monkeypatch.setattr(losses, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
+    for mod, name in ((fused_head, "entropy"), (losses, "kl_per_position"), (losses, "reverse_kl_per_position"),
+                      (losses, "ce_per_position")):
+        fn = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
     s, t, y = torch.randn(2, 3, 7), torch.randn(2, 3, 7), torch.zeros(2, 3, dtype=torch.long)
     for name in ALL_METRICS:
         S.METRICS[name](s, t, y, generator=gen())
@@ -512,6 +540,7 @@ def test_chunked_scores_equal_dense_metric_and_bound_rows(name, monkeypatch):
     seen = []
     fn = S.METRICS[name]
 
+    @functools.wraps(fn)  # the spy carries the metric's tags (what it reads)
     def spy(s, t, targets, generator=None):
         for x in (s, t):
             if x is not None:
@@ -646,8 +675,16 @@ def test_cuda_stays_on_device_and_matches_cpu():
                                        rtol=1e-4, atol=1e-4)
 
 
-def test_needs_scores():
+def test_needs_scores(monkeypatch):
     selection = S
+
+    def every_position(scores, valid, k, **kw):  # a new policy that never reads the scores
+        return valid.float() / valid.sum(-1, keepdim=True).clamp(min=1)
+
+    monkeypatch.setitem(S.POLICIES, "every_position", every_position)
+    assert selection.needs_scores("every_position", 0.2)  # untagged: it reads them
+    monkeypatch.setattr(every_position, "reads_scores", False, raising=False)
+    assert not selection.needs_scores("every_position", 0.2)
     assert not selection.needs_scores("top_k", 1.0)
     assert selection.needs_scores("top_k", 0.2)
     assert not selection.needs_scores("random", 0.2)
@@ -661,8 +698,8 @@ def test_needs_scores():
 
 def test_chunked_scores_reuse_one_logits_buffer():
     """An fp32 head outside autocast: every chunk's logits go into one (chunk, V) buffer per head (a
-    fresh tensor per chunk faults its pages in again on a CPU: 280 -> 205 ms for 2 chunks at V = 151,936);
-    under bf16 autocast the logits stay bf16 matmul outputs (no fp32 buffer, half the bytes)."""
+    fresh tensor per chunk faults its pages in again on a CPU); under bf16 autocast the logits stay bf16
+    matmul outputs (no fp32 buffer, half the bytes)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
