@@ -55,7 +55,6 @@ Table 6 of the paper (storage for 100B tokens, V = 100k): `python cache.py estim
 --vocab 100000 --u 64 --l 0.2`.
 """
 
-import argparse
 import hashlib
 import json
 import math
@@ -69,7 +68,7 @@ import numpy as np
 import torch
 
 import losses
-from common import TMP_PREFIX, UserError, atomic_json, atomic_write
+from common import TMP_PREFIX, ArgumentParser, UserError, atomic_json, atomic_write
 
 FORMAT_VERSION = 2       # 2: exact counts (count - 1 in the count bits); 1: quantized probabilities (lossy)
 SELECTION_VERSION = 1    # format of save_selection's file (independent of the class format)
@@ -77,6 +76,7 @@ HEADER = "header.json"
 PLAN = "build.json"
 _META_KEYS = ("teacher", "vocab_size", "seq_len", "tokenizer_fingerprint", "data_fingerprint")
 _OPTIONAL_KEYS = ("dtype",)  # checked on open whenever the cache recorded them, even if the run omits them
+MAX_U = 65535            # the most classes a position may draw: count - 1 and the kept counts fit uint16
 _CHUNK = 1 << 22  # elements of a (rows, V) block of the sampler on CPU (x16 on GPU): bounds peak memory
 
 
@@ -103,8 +103,8 @@ def id_bits(vocab_size):
 
 def count_bits(U):
     """ceil(log2 U): bits that hold count - 1 in [0, U) exactly (U = 64 -> 6)."""
-    if not 1 <= int(U) <= 65535:
-        raise ValueError(f"U must be in [1, 65535], got {U}")
+    if not 1 <= int(U) <= MAX_U:
+        raise ValueError(f"U must be in [1, {MAX_U}], got {U}")
     return (int(U) - 1).bit_length()
 
 
@@ -170,8 +170,14 @@ def estimate_storage(tokens, vocab, u, l):
     Returns {row label: {"bytes_per_position": float, "tb": float}} in table order.
     """
     tokens, vocab, u, l = float(tokens), int(vocab), int(u), float(l)
-    if tokens < 0 or u < 1 or not 0 <= l <= 1:
-        raise ValueError(f"estimate_storage: need tokens >= 0, u >= 1, 0 <= l <= 1; got {tokens}, {u}, {l}")
+    if not (math.isfinite(tokens) and tokens >= 0):  # nan fails every comparison: say so, not a table of nan
+        raise ValueError(f"--tokens must be a finite number >= 0, got {tokens}")
+    if not 1 <= u <= MAX_U:
+        raise ValueError(f"--u {u}: need u >= 1 and u <= {MAX_U} (classes drawn per position)")
+    if not 0 <= l <= 1:
+        raise ValueError(f"--l is a fraction of samples in [0, 1], got {l}")
+    if vocab < 1:
+        raise ValueError(f"--vocab must be >= 1, got {vocab}")
     rs = u * bytes_per_class(vocab, u)
     rows = {
         "Full KD (fp16 logits)": 2.0 * vocab,
@@ -364,8 +370,8 @@ def build(cache_dir, teacher_fn, input_ids, sample_ids, meta, U=64, temperature=
         raise ValueError("build: sample_ids must be unique (they key the cache)")
     if int(meta.get("seq_len", T)) != T:
         raise ValueError(f"build: meta seq_len={meta['seq_len']} but input_ids has T={T}")
-    if not (1 <= U <= 65535 and temperature > 0 and batch_size >= 1):
-        raise ValueError(f"build: need 1 <= U <= 65535, temperature > 0, batch_size >= 1")
+    if not (1 <= U <= MAX_U and temperature > 0 and batch_size >= 1):
+        raise ValueError(f"build: need 1 <= U <= {MAX_U}, temperature > 0, batch_size >= 1")
     if not 0 <= rank < world_size:
         raise ValueError(f"build: rank {rank} not in [0, world_size={world_size})")
     if "vocab_size" not in meta:
@@ -612,6 +618,12 @@ def _read_header(cache_dir):
         if os.path.exists(os.path.join(cache_dir, PLAN)):
             raise CacheCorruptError(f"{hp}: missing: the build of this cache is incomplete "
                                     f"(rerun build with the same arguments to resume)")
+        inside = sorted(f for f in os.listdir(cache_dir) if any(
+            os.path.exists(os.path.join(cache_dir, f, x)) for x in (HEADER, PLAN)))
+        if inside:  # a --cache-dir root: its caches are one folder per split
+            raise CacheNotFoundError(f"{cache_dir} is a --cache-dir root, not one teacher cache: its caches are "
+                                     f"the folders {', '.join(inside[:6])}{' ...' if len(inside) > 6 else ''} "
+                                     f"(inspect one of them)")
         raise CacheNotFoundError(f"{hp}: missing: {cache_dir} is not a teacher cache")
     h = _read_json(hp)
     if not isinstance(h, dict):
@@ -696,6 +708,12 @@ def _cmd_estimate(a):
 def _cmd_inspect(a):
     h = _read_header(a.dir)
     c = open_cache(a.dir, verify="size" if a.no_verify else "full")
+    for rec in h["shards"]:  # each shard's own record must agree with the header's copy of it
+        path = os.path.join(a.dir, _shard_name(rec["index"]) + ".json")
+        if not os.path.exists(path):
+            raise CacheCorruptError(f"{path}: missing shard record")
+        if _read_json(path) != rec:
+            raise CacheCorruptError(f"{path}: shard record differs from {HEADER}'s: the file is corrupt (rebuild)")
     checked = 0 if a.no_verify else c.check_counts()
     show = {k: v for k, v in h.items() if k not in ("shards", "totals")}
     print(json.dumps(show, indent=1, sort_keys=True))
@@ -723,6 +741,13 @@ def _cmd_inspect(a):
 def _cmd_bench(a):
     """Synthetic cache with a realistic kept-class count; times TeacherCache.get on random batches."""
     V, T, U = a.vocab, a.seq_len, a.u
+    for flag, v in (("--vocab", V), ("--seq-len", T), ("--u", U), ("--kept", a.kept), ("--samples", a.samples),
+                    ("--shard-size", a.shard_size), ("--iters", a.iters), ("--batch", a.batch)):
+        if v < 1:
+            raise UserError(f"{flag} must be >= 1, got {v}")
+    if U > MAX_U or a.kept > U or a.batch > a.samples:
+        raise UserError(f"need --kept <= --u <= {MAX_U} and --batch <= --samples; got --kept {a.kept}, --u {U}, "
+                        f"--batch {a.batch}, --samples {a.samples}")
     rng = np.random.default_rng(0)
     meta = dict(teacher="bench", vocab_size=V, seq_len=T, tokenizer_fingerprint="-", data_fingerprint="-")
     N = a.samples
@@ -759,7 +784,7 @@ def _cmd_bench(a):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="nano-sekd teacher cache (RS-KD, paper Sec. 7.1 / App. E)")
+    p = ArgumentParser(prog="cache.py", description="nano-sekd teacher cache (RS-KD, paper Sec. 7.1 / App. E)")
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("estimate", help="storage table of paper Table 6")
     e.add_argument("--tokens", type=float, default=100e9)

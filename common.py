@@ -2,6 +2,7 @@
 
 Nothing here knows about distillation; it is imported by the concept modules and never imports them.
 """
+import argparse
 import glob
 import hashlib
 import json
@@ -144,6 +145,28 @@ def git_hash():
                                        text=True).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def writable_dir_problem(path):
+    """Why `path` cannot be (or become) a directory this process writes into, or None when it can: an
+    empty path, a file, a file among its parents, or a directory without write permission."""
+    if not str(path).strip():
+        return "is empty: name a directory"
+    p = os.path.abspath(path)
+    while not os.path.exists(p):  # the nearest existing ancestor is where makedirs starts
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        return "is a file, not a directory" if p == os.path.abspath(path) else f"is under {p}, which is a file"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"is not writable ({p}: permission denied)"
+    return None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `prog: error: ...`, exit 2: no usage block in front (-h has it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def run_cli(main, prog):

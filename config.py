@@ -11,7 +11,11 @@ import argparse
 import copy
 import math
 import os
+import sys
 
+import cache
+import common
+import data
 import losses
 import sandbox
 import selection
@@ -27,9 +31,9 @@ PRESETS = {  # explicit flags override these
                   seq_len=512, tokens=80_000_000, eval_tokens=1_048_576, batch_size=2, grad_accum=8,
                   lr=1e-5, temperature=1.0, lam=1.0, optim="adam8bit", schedule="constant", warmup=0.0,
                   curriculum_steps=4000, seeds="1337,1338,1339"),
-    # issue 19: a near pair built by sandbox.py (a pretrained student, KL 0.48 nats from its teacher);
-    # 192 steps of 8 x 128 tokens: where Full KD's held-out KL curve flattens (docs/results.md shows it);
-    # fp32, as the published study ran (--dtype auto would pick bf16 on a CPU with bf16 units)
+    # a near pair built by sandbox.py (a pretrained student close to its teacher); 192 steps of 8 x 128
+    # tokens: where Full KD's held-out KL curve flattens (docs/results.md shows it); fp32, as the published
+    # study ran (--dtype auto would pick bf16 on a CPU with bf16 units)
     "sandbox": dict(teacher=SANDBOX["teacher"], student=SANDBOX["student"], dtype="fp32",
                     data=SANDBOX["kd"], probe=SANDBOX["probe"], seq_len=128, tokens=196_608,
                     eval_tokens=8_192, batch_size=8, grad_accum=1, lr=3e-3, optim="adamw", schedule="cosine",
@@ -38,13 +42,14 @@ PRESETS = {  # explicit flags override these
 SAMPLE_METRICS = ["none", "student_entropy", "ce_ratio", "kl", "random"]
 MATRICES = ["table2", "table3", "table4", "table5", "core", "budget"]  # defined in study.py
 # flags that change where a run writes or what it is called, not its numbers (kept out of config_key)
+DEFAULT_TASK_DATA = "openai/gsm8k"
 RUN_ONLY = ("out_dir", "run_name", "resume", "log_every", "eval_every", "ckpt_every", "save_model", "teacher_memo_gb",
             "keep_freed_memory", "head",
             "matrix", "seeds", "debug", "fresh")
 
 
 def get_parser():
-    p = argparse.ArgumentParser(prog="train.py", description="Selective knowledge distillation, one run.",
+    p = common.ArgumentParser(prog="train.py", description="Selective knowledge distillation, one run.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     a = p.add_argument
     a("--preset", choices=PRESETS, default="tiny", help="defaults for a setting; explicit flags win")
@@ -55,7 +60,7 @@ def get_parser():
     g("--data", help="hub dataset id, local .txt/.jsonl/.parquet file, dir or glob; default: stdlib corpus")
     g("--text-field", default="text", help="text field of .jsonl/.parquet/hub rows")
     g("--task", choices=["lm", "gsm8k"], default="lm", help="gsm8k: task-specific KD, prompt masked")
-    g("--task-data", default="openai/gsm8k", help="GSM8K source: hub id or local JSONL (question/answer)")
+    g("--task-data", default=DEFAULT_TASK_DATA, help="GSM8K source: hub id or local JSONL (question/answer)")
     g("--seq-len", type=int, help="tokens per packed sequence (T)")
     g("--tokens", type=float, help="training token budget (packed sequences = tokens // T)")
     g("--eval-tokens", type=float, help="tokens in each held-out split (val, test)")
@@ -130,7 +135,7 @@ def get_parser():
 
 def parse_args(argv=None, raw=False):
     """argv -> finalized args (raw=True: as parsed, before presets, yet checked); bad flags exit 2 with
-    one argparse line."""
+    one line, `train.py: error: ...`."""
     p = get_parser()
     args = p.parse_args(argv)
     try:
@@ -142,11 +147,8 @@ def parse_args(argv=None, raw=False):
 
 def default_entropy_chunk(device_type):
     """--entropy-chunk's default, rows of (rows, V) logits alive at once: 1024 on a GPU, 256 on a CPU.
-    Fewer rows save memory but cost time: every chunk reads the (V, d) head once per GEMM (three per
-    chunk with grad), and small GEMMs run below the machine's peak. Measured with bench/peers.py --quick
-    --shapes b --chunk N (Full KD head forward + backward at V = 151,936, 512 rows; 2 cores, AVX-512):
-    0.95x dense PyTorch's time in chunks of 256 rows, 1.26x in chunks of 128, at 0.28x torchtune's peak
-    memory. The bench scripts use it too."""
+    Fewer rows save memory but cost time: every chunk reads the (V, d) head once per GEMM, and small
+    GEMMs run below the machine's peak (bench/RESULTS.md). The bench scripts use it too."""
     return 1024 if device_type == "cuda" else 256
 
 
@@ -194,7 +196,9 @@ def check(args):
                      f"--sample-metric {args.sample_metric}"
                      if args.sample_metric != "none" and selection.needs_teacher(args.sample_metric) else "",
                      "--cache-dir" if args.cache_dir else "", "--on-policy" if args.on_policy else ""]
+    out_problem = common.writable_dir_problem(args.out_dir)
     checks = [
+        (out_problem is None, f"--out-dir {args.out_dir!r} {out_problem}"),
         (args.seq_len >= 2, f"--seq-len must be >= 2, got {args.seq_len}"),
         (args.tokens >= args.seq_len,
          f"--tokens {args.tokens:g} is smaller than one sequence (--seq-len {args.seq_len})"),
@@ -204,10 +208,14 @@ def check(args):
         (args.max_steps is None or args.max_steps >= 1, f"--max-steps must be >= 1, got {args.max_steps}"),
         (args.epochs > 0, f"--epochs must be > 0, got {args.epochs}"),
         (args.lr >= 0, f"--lr must be >= 0, got {args.lr}"),
+        (args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
         (0 <= args.warmup < 1, f"--warmup is a fraction of steps in [0, 1), got {args.warmup}"),
         (args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
         (0.0 <= args.lam <= 1.0, f"--lam must be in [0, 1], got {args.lam}"),
         (args.rs_u >= 0, f"--rs-u must be >= 0, got {args.rs_u}"),
+        (not args.cache_dir or 1 <= args.rs_u <= cache.MAX_U,
+         f"--rs-u must be in [1, {cache.MAX_U}] with --cache-dir (the classes the cache keeps per position), "
+         f"got {args.rs_u}"),
         (args.entropy_chunk >= 1, f"--entropy-chunk must be >= 1, got {args.entropy_chunk}"),
         (args.gls_queue >= 1, f"--gls-queue must be >= 1, got {args.gls_queue}"),
         (args.pos_rs_temp > 0, f"--pos-rs-temp must be > 0, got {args.pos_rs_temp}"),
@@ -243,11 +251,26 @@ def check(args):
 
 
 def check_environment(args):
-    """Packages a run needs, checked before any model loads (common.UserError)."""
-    if (args.optim or PRESETS[args.preset]["optim"]) == "adam8bit":
+    """What a run needs beyond its flags, checked once before any model loads (common.UserError): packages,
+    the --data source (files, or a hub dataset that is cached or reachable) and --task-data. Prints one
+    warning line for each suspicious input. args: as parsed (parse_args(raw=True))."""
+    a = finalize(args)
+    if a.optim == "adam8bit":
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            import common
             raise common.UserError("--optim adam8bit (the paper's, set by --preset paper) needs bitsandbytes and "
                                    "a GPU: pip install bitsandbytes, or pass --optim adamw") from None
+    notes = []
+    if a.task != "gsm8k" or a.matrix:  # a --matrix may mix both tasks
+        notes += data.check_source(a.data, a.text_field)
+    if a.task == "gsm8k" or (a.matrix and a.task_data != DEFAULT_TASK_DATA):
+        data.check_task_data(a.task_data)
+    elif a.task_data != DEFAULT_TASK_DATA:
+        notes.append(f"--task-data {a.task_data} is read by --task gsm8k only: ignored (--task {a.task} "
+                     f"trains on --data)")
+    if args.seeds is not None and not args.matrix:
+        notes.append(f"--seeds {args.seeds} is read by --matrix only: this one run uses --seed {args.seed}")
+    for note in notes:
+        print(f"train.py: warning: {note}", file=sys.stderr)
+    return notes

@@ -25,11 +25,14 @@ sends its lowest-hash training documents there. An empty held-out split is an er
 before any training. Same data + seed + tokenizer => same sequences and same sample ids (sample id =
 row index of the packed training split); the offline teacher cache is keyed by them.
 """
+import codecs
+import functools
 import glob as globlib
 import hashlib
 import json
 import os
 import random
+import re
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -45,12 +48,24 @@ SPLIT_PCT = {"val": 3, "test": 3}  # percent of documents (by key hash) held out
 # -----------------------------------------------------------------------------
 # documents
 
+def _pieces(line):
+    """A line of at most MAX_DOC_CHARS, or a longer one cut after its last space before each MAX_DOC_CHARS
+    (hard cut without one): a file without line breaks still makes many documents, so it has a held-out
+    split."""
+    while len(line) > MAX_DOC_CHARS:
+        cut = line.rfind(" ", MAX_DOC_CHARS // 2, MAX_DOC_CHARS) + 1 or MAX_DOC_CHARS
+        yield line[:cut]
+        line = line[cut:]
+    yield line
+
+
 def _chunks(key, text):
-    """Cut a long text into ~MAX_DOC_CHARS documents at line boundaries; keys key#0, key#1, ..."""
+    """Cut a long text into ~MAX_DOC_CHARS documents at line boundaries (over-long lines: _pieces); keys
+    key#0, key#1, ..."""
     if len(text) <= MAX_DOC_CHARS:
         return [(key, text)] if text.strip() else []
     out, cur, n = [], [], 0
-    for line in text.splitlines(keepends=True):
+    for line in (p for full in text.splitlines(keepends=True) for p in _pieces(full)):
         cur.append(line)
         n += len(line)
         if n >= MAX_DOC_CHARS:
@@ -121,7 +136,7 @@ def _jsonl_rows(path, text_field, skipped):
             yield i, _text(row[text_field], skipped)
 
 
-def _parquet_rows(path, text_field, skipped):
+def _parquet_check(path, text_field):
     import pyarrow.parquet as pq
     try:
         names = pq.read_schema(path).names
@@ -130,6 +145,11 @@ def _parquet_rows(path, text_field, skipped):
     if text_field not in names:
         raise UserError(f"--data {path}: no column {text_field!r} (columns: {', '.join(names[:10])}); "
                         f"set --text-field")
+
+
+def _parquet_rows(path, text_field, skipped):
+    import pyarrow.parquet as pq
+    _parquet_check(path, text_field)
     for i, t in enumerate(pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()):
         yield i, _text(t, skipped)
 
@@ -189,7 +209,7 @@ def iter_documents(data=None, seed=0, text_field="text", skipped=None):
         for p in files:
             for key, text in _chunks(os.path.relpath(p, root), _read_text(p)):
                 yield key, text, split_of(key)  # per file: the README's numbers rest on this split
-    elif os.path.exists(data) or any(c in data for c in "*?[") or data.endswith((".txt", ".jsonl", ".parquet")):
+    elif _is_local(data):
         files = _local_files(data)
         random.Random(seed).shuffle(files)
         for p in files:
@@ -199,15 +219,118 @@ def iter_documents(data=None, seed=0, text_field="text", skipped=None):
                 for key, text in docs:
                     yield key, text, split[u]
     else:  # a hub dataset id, streamed (needs network; the paper's FineWeb-Edu)
+        check_hub_dataset(data, "--data")
         from datasets import load_dataset
-        ds = load_dataset(data, split="train", streaming=True).shuffle(seed=seed, buffer_size=10_000)
-        for i, row in enumerate(ds):
-            if text_field not in row:
-                raise UserError(f"--data {data}: rows have no field {text_field!r} (set --text-field)")
-            text = _text(row[text_field], skipped)
-            if text is not None:
-                for key, t in _chunks(str(row.get("id", f"row:{i}")), text):
-                    yield key, t, split_of(key)
+        try:
+            ds = load_dataset(data, split="train", streaming=True).shuffle(seed=seed, buffer_size=10_000)
+            for i, row in enumerate(ds):
+                if text_field not in row:
+                    raise UserError(f"--data {data}: rows have no field {text_field!r} (set --text-field)")
+                text = _text(row[text_field], skipped)
+                if text is not None:
+                    for key, t in _chunks(str(row.get("id", f"row:{i}")), text):
+                        yield key, t, split_of(key)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 (a dropped connection mid-stream: connection, HTTP, timeout)
+            raise UserError(f"--data {data}: reading the hub dataset failed ({_first_line(e)})") from e
+
+
+def _is_local(spec):
+    """A --data spec that names local files (an existing path, a glob, or a data file name), not a hub id."""
+    return os.path.exists(spec) or any(c in spec for c in "*?[") or spec.endswith((".txt", ".jsonl", ".parquet"))
+
+
+def _first_line(e):
+    return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
+
+
+# -----------------------------------------------------------------------------
+# checks before any model loads: the source exists, has the field, looks like text
+
+HUB_ID = re.compile(r"\w[\w.-]*(/\w[\w.-]*)?")  # [owner/]name
+CHECK_FILES = 64  # files of a --data directory or glob checked up front (the load checks every one)
+SNIFF_BYTES = 1 << 16
+
+
+def _hub_dataset_cached(repo):
+    """Whether a hub dataset left files on this machine: its card in the hub cache or a prepared copy."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(repo, "README.md", repo_type="dataset"), str):
+        return True
+    prepared = os.environ.get("HF_DATASETS_CACHE") or os.path.join(constants.HF_HOME, "datasets")
+    return os.path.isdir(os.path.join(prepared, repo.replace("/", "___")))
+
+
+@functools.lru_cache(maxsize=None)
+def check_hub_dataset(repo, flag):
+    """A UserError at once, naming `flag`, when the hub dataset `repo` is neither cached here nor reachable
+    (instead of a ConnectionError from `datasets` after the models load)."""
+    if not HUB_ID.fullmatch(repo):
+        raise UserError(f"{flag} {repo}: no such file or directory (nor a hub dataset id)")
+    from huggingface_hub import constants, dataset_info
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    if _hub_dataset_cached(repo):
+        return
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")) or constants.HF_HUB_OFFLINE
+    why = "offline mode is set"
+    if not offline:
+        try:
+            dataset_info(repo, timeout=5)
+            return
+        except GatedRepoError:
+            raise UserError(f"{flag} {repo}: a gated dataset: log in (hf auth login) and accept its terms on "
+                            f"huggingface.co first") from None
+        except RepositoryNotFoundError:
+            raise UserError(f"{flag} {repo}: no such local file, and no such dataset on the Hugging Face hub")\
+                from None
+        except Exception as e:  # noqa: BLE001 (no network: connection, DNS, timeout, proxy errors)
+            why = f"the hub cannot be reached: {type(e).__name__}"
+    raise UserError(f"{flag} {repo}: not a local file, and not in the local Hugging Face cache ({why}): "
+                    f"give a local .txt/.jsonl/.parquet file, or download it first (hf download {repo} "
+                    f"--repo-type dataset)")
+
+
+def sniff(path, n=SNIFF_BYTES):
+    """Why the file at `path` does not look like UTF-8 text, judged by its first `n` bytes; None when it
+    does. Such a file still trains (bad bytes read as U+FFFD), so this is a warning, not an error."""
+    with open(path, "rb") as f:
+        head = f.read(n)
+    if head[:4] == b"GGUF":
+        return f"{path} is a GGUF model file (magic 'GGUF'), not text"
+    nul = head.count(0)
+    if nul:
+        return f"{path}: {nul} of its first {len(head):,} bytes are NUL: a binary file, not text"
+    dec = codecs.getincrementaldecoder("utf-8")("ignore")
+    text = dec.decode(head, final=len(head) < n)  # a character cut at byte n is not an error
+    bad = len(head) - len(dec.getstate()[0]) - len(text.encode("utf-8"))
+    if bad:
+        return (f"{path}: {bad:,} of its first {len(head):,} bytes ({bad / len(head):.1%}) are not UTF-8 and "
+                f"would be read as U+FFFD: latin-1 text (convert it: iconv -f latin1 -t utf-8) or not text")
+    return None
+
+
+def check_source(data=None, text_field="text"):
+    """Check a --data source before any model loads (common.UserError): the files exist, a .jsonl's first
+    row and a .parquet's columns have `text_field`, a hub id is cached or reachable. Returns warnings:
+    files that do not look like text (sniff)."""
+    if data in (None, "", "stdlib"):
+        return []
+    if not _is_local(data):
+        check_hub_dataset(data, "--data")
+        return []
+    notes = []
+    for path in _local_files(data)[:CHECK_FILES]:
+        if path.endswith(".parquet"):
+            _parquet_check(path, text_field)
+            continue
+        if path.endswith(".jsonl"):
+            next(_jsonl_rows(path, text_field, {}), None)
+        why = sniff(path)
+        if why:
+            notes.append(f"--data {why}")
+    return notes
 
 
 # -----------------------------------------------------------------------------
@@ -441,15 +564,54 @@ GSM8K_PROMPT = "Question: {question}\nAnswer:"
 
 def load_gsm8k_rows(source="openai/gsm8k", split="train"):
     """GSM8K rows {question, answer}: a local JSONL file, else the hub dataset (config 'main')."""
-    if source.endswith(".jsonl") or os.path.exists(source):
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"--task-data {source}: no such file")
-        rows = [json.loads(l) for l in open(source, encoding="utf-8") if l.strip()]
-        if not rows or any("question" not in r or "answer" not in r for r in rows):
-            raise ValueError(f"--task-data {source}: need JSONL lines with 'question' and 'answer'")
-        return rows
+    if _is_local(source) or not HUB_ID.fullmatch(source):
+        return _gsm8k_file(source)
+    check_hub_dataset(source, "--task-data")
     from datasets import load_dataset
-    return list(load_dataset(source, "main", split=split))
+    try:
+        return list(load_dataset(source, "main", split=split))
+    except Exception as e:  # noqa: BLE001 (connection, HTTP, a config the dataset lacks)
+        raise UserError(f"--task-data {source}: loading the hub dataset failed ({_first_line(e)})") from e
+
+
+GSM8K_ROW = "JSONL lines {\"question\": str, \"answer\": str}"
+
+
+def _gsm8k_file(path):
+    """The rows of a local GSM8K JSONL file; a UserError naming --task-data, the file and the line."""
+    if not os.path.isfile(path):
+        raise UserError(f"--task-data {path}: " + ("a directory; give a JSONL file" if os.path.isdir(path)
+                                                   else "no such file"))
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--task-data {path}: not UTF-8 text at byte {e.start} (a binary file?); need "
+                        f"{GSM8K_ROW}") from None
+    rows = []
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--task-data {path}: line {i + 1} is not JSON ({e.msg}); need {GSM8K_ROW}") from None
+        if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("question", "answer"))):
+            raise UserError(f"--task-data {path}: line {i + 1} is not an object with string fields 'question' "
+                            f"and 'answer'; need {GSM8K_ROW}")
+        rows.append(row)
+    if not rows:
+        raise UserError(f"--task-data {path}: no examples; need {GSM8K_ROW}")
+    return rows
+
+
+def check_task_data(source="openai/gsm8k"):
+    """Check --task-data before any model loads: a local file is read and checked row by row (GSM8K is
+    small), a hub id must be cached or reachable."""
+    if _is_local(source) or not HUB_ID.fullmatch(source):
+        _gsm8k_file(source)
+    else:
+        check_hub_dataset(source, "--task-data")
 
 
 def pack_gsm8k(rows, tokenizer, seq_len, tokens=None, seed=0, held_out=0.05):
@@ -485,5 +647,6 @@ def pack_gsm8k(rows, tokenizer, seq_len, tokens=None, seed=0, held_out=0.05):
         valid = torch.stack([v for _, v in items]) if items else torch.zeros(0, seq_len, dtype=torch.bool)
         res[s] = Packed(toks, valid, torch.arange(len(toks)), _fingerprint(toks, seq_len, "gsm8k"))
     if len(res["train"]) == 0:
-        raise ValueError("--task gsm8k: no training examples")
+        raise UserError(f"--task gsm8k: none of the {len(rows)} examples went to training (a hash of each "
+                        f"question holds {held_out:.0%} out); give more examples")
     return res

@@ -53,12 +53,12 @@ Prompts: generation (GSM8K, IFEval) uses the raw prompt, as the harness and the 
   enable_thinking=False (Qwen3 then never opens a <think> block). Generation stops at every end token
   the model's generation config lists, plus the tokenizer's EOS.
 
-Acc (the paper's average) = mean of HellaSwag acc_norm, PIQA acc_norm, ARC-E acc_norm, LAMBADA acc and
-  GSM8K strict_match; '-' unless all five are present. acc_norm for the three choice tasks because
+Acc (the paper's average; report.paper_average) = mean of HellaSwag acc_norm, PIQA acc_norm, ARC-E
+  acc_norm, LAMBADA acc and GSM8K strict_match; '-' unless all five are present. acc_norm for the three choice tasks because
   the harness's length normalisation is what papers report for them (raw acc favours short endings);
   LAMBADA has one target (no normalisation); GSM8K strict_match because it credits only the model's
   own '#### N' answer, never a number that happens to end a rambling continuation.
-ECE, under explicit names (15 equal-width bins, models.expected_calibration_error):
+ECE, under explicit names (15 equal-width bins, heldout.expected_calibration_error):
   ece_greedy_word (LAMBADA; the table's 'LAMBADA ECE'): confidence = prod_j max_v q(v | ...) along the
     target, correct = acc: the probability of the model's own greedy completion, scored against
     whether that completion is the target (for one-token targets the usual top-1 confidence).
@@ -76,7 +76,7 @@ Harness route: RUN/model is a save_pretrained folder, so lm-evaluation-harness s
 Data: `--data-dir DIR` reads DIR/<task>/<hub split>.jsonl in the hub dataset's schema (Rowan/hellaswag,
 ybisk/piqa, allenai/ai2_arc ARC-Easy, EleutherAI/lambada_openai, openai/gsm8k main, google/IFEval
 'input_data'); GSM8K and IFEval fall back to ../shared/data/ when present, everything else to the hub.
-Held-out LM metrics (--suite lm) are models.heldout_metrics on the run's held-out split of its training
+Held-out LM metrics (--suite lm) are heldout.heldout_metrics on the run's held-out split of its training
 text (data.load_splits(..., splits=('val',)): only held-out text is tokenized), rebuilt from config.json.
 """
 import argparse
@@ -90,9 +90,11 @@ import tempfile
 import torch
 from tqdm import tqdm
 
-from common import UserError, run_cli, atomic_json, atomic_write, read_json
+import report  # the run's data flags and the paper's averages, read as the tables read them
+from common import ArgumentParser, UserError, run_cli, atomic_json, atomic_write, read_json, writable_dir_problem
 from losses import matmul_weight
-from models import expected_calibration_error, head_weight, heldout_metrics, load_model, trunk
+from heldout import expected_calibration_error, heldout_metrics
+from models import head_weight, load_model, trunk
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
 GSM8K_SHOT_POOL = 8  # the first rows of GSM8K train: shots only, never a validation example
@@ -109,13 +111,19 @@ def read_jsonl(path):
     if not os.path.isfile(path):
         raise UserError(f"data file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text (a binary file?); need one JSON object a line") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise UserError(f"{path}: line {next(i for i, r in enumerate(rows, 1) if not isinstance(r, dict))} of "
+                        f"its JSON lines is not an object")
     return rows
 
 
@@ -288,7 +296,7 @@ def _max_len(model):
 
 
 def vocab_size(model, tokenizer):
-    # cut padded head rows (Qwen) so they never take probability mass, as models.heldout_metrics does
+    # cut padded head rows (Qwen) so they never take probability mass, as heldout.heldout_metrics does
     return min(len(tokenizer), head_weight(model).shape[0])
 
 
@@ -523,11 +531,21 @@ def ifeval_inputs_path(path=None, data_dir=None, out_dir=None):
     return path
 
 
+def _ifeval_read(load, path, flag):
+    """ifeval.py's reader `load` of `path`; its errors (they name the file and the row) as one UserError
+    naming `flag` too."""
+    try:
+        return load(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag}: {e}") from None
+
+
 def score_ifeval_responses(responses_path, inputs_path=None, out_dir=None, data_dir=None):
     """Score ready-made responses (jsonl: prompt, response) with ifeval.py; write DIR/ifeval_results_*."""
     ife = _ifeval()
-    inputs = ife.load_inputs(ifeval_inputs_path(inputs_path, data_dir, out_dir))
-    strict, loose, summary = ife.score_responses(inputs, ife.load_responses(responses_path))
+    inputs = _ifeval_read(ife.load_inputs, ifeval_inputs_path(inputs_path, data_dir, out_dir), "--ifeval-inputs")
+    responses = _ifeval_read(ife.load_responses, responses_path, "--ifeval-responses")
+    strict, loose, summary = ife.score_responses(inputs, responses)
     if out_dir:
         ife.write_results(out_dir, strict, loose)
     n = len(strict)
@@ -557,7 +575,7 @@ def score_ifeval(model, tokenizer, input_rows, out_dir=None, batch_size=8, max_n
 
 
 def score_lm(model, tokenizer, split="test", teacher=None, batch_size=8, progress=True, **data_kwargs):
-    """models.heldout_metrics on the held-out split of the training text ('val' for validation, else
+    """heldout.heldout_metrics on the held-out split of the training text ('val' for validation, else
     'test'); only that split is tokenized (data.load_splits(..., splits=(name,)))."""
     import data  # lazily: only --suite lm needs the corpus pipeline
     name = "val" if split == "validation" else "test"
@@ -573,21 +591,6 @@ def score_lm(model, tokenizer, split="test", teacher=None, batch_size=8, progres
 
 
 # -----------------------------------------------------------------------------
-# the paper's averages
-
-def paper_average(results):
-    """The paper's Acc (module doc): the mean of ACC_AVERAGE's five metrics; None if any is missing."""
-    values = [(results or {}).get(task, {}).get(metric) for task, metric in ACC_AVERAGE]
-    return None if any(v is None for v in values) else sum(values) / len(values)
-
-
-def choice_ece_average(results):
-    """Mean ece_choice_softmax over ARC-E, HellaSwag and PIQA; None if any is missing."""
-    values = [(results or {}).get(task, {}).get("ece_choice_softmax") for task in CHOICE_TASKS]
-    return None if any(v is None for v in values) else sum(values) / len(values)
-
-
-# -----------------------------------------------------------------------------
 # running tasks
 
 def examples_dir(out_dir, split):
@@ -596,33 +599,15 @@ def examples_dir(out_dir, split):
 
 def evaluate(model, tokenizer, tasks, split="test", data_dir=None, limit=None, batch_size=16,
              max_new_tokens=None, chat_template=False, out_dir=None, ifeval_inputs=None, teacher=None,
-             lm_kwargs=None, gsm8k_shots=5, progress=True):
+             lm_kwargs=None, gsm8k_shots=5, progress=True, prepared=None):
     """Run `tasks` (names in SCORERS, 'ifeval', 'lm'); returns {task: metrics}; with `out_dir`, also
     writes every task's per-example rows to examples_dir(out_dir, split)/<task>.jsonl.
 
-    Every task's data is loaded before any scoring, so a missing file fails in seconds, not hours.
+    Every task's data is loaded before any scoring (`prepared`: load_inputs' result, when the caller
+    loaded it before the model), so a missing file fails in seconds, not hours.
     """
-    ifeval_dir = None
-    if out_dir:  # IFEval's responses and verdicts: OUT/ifeval/ (OUT/ifeval_validation/ ...)
-        ifeval_dir = os.path.join(out_dir, "ifeval" if split == "test" else f"ifeval_{split}")
-    inputs = {}
-    for task in tasks:
-        if task == "lm":
-            continue
-        if task not in SPLITS:
-            raise UserError(f"unknown task {task!r}; choose from {sorted(SPLITS) + ['lm']}")
-        if task == "ifeval":
-            if not has_split("ifeval", split):
-                load_docs("ifeval", split)  # raises the --split error
-            rows = read_jsonl(ifeval_inputs_path(ifeval_inputs, data_dir, ifeval_dir))
-            inputs[task] = rows[:limit] if limit else rows
-        else:
-            inputs[task] = [EXAMPLES[task](d) for d in load_docs(task, split, data_dir, limit)]
-    shots = []
-    if "gsm8k" in tasks:
-        if not 0 <= gsm8k_shots <= GSM8K_SHOT_POOL:
-            raise UserError(f"--gsm8k-shots must be in 0..{GSM8K_SHOT_POOL}, got {gsm8k_shots}")
-        shots = [gsm8k_example(d) for d in load_rows("gsm8k", "train", data_dir)[:gsm8k_shots]]
+    ifeval_dir = _ifeval_dir(out_dir, split)
+    inputs, shots = prepared or load_inputs(tasks, split, data_dir, limit, ifeval_inputs, out_dir, gsm8k_shots)
     results = {}
     for task in tasks:
         rows = None
@@ -644,6 +629,51 @@ def evaluate(model, tokenizer, tasks, split="test", data_dir=None, limit=None, b
         print(f"{task}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in metrics.items()), file=sys.stderr)
     return results
+
+
+def _ifeval_dir(out_dir, split):
+    """IFEval's responses and verdicts: OUT/ifeval/ (OUT/ifeval_validation/ ...); None without OUT."""
+    return os.path.join(out_dir, "ifeval" if split == "test" else f"ifeval_{split}") if out_dir else None
+
+
+def check_tasks(tasks):
+    """A UserError naming --tasks for a task name that is not one."""
+    unknown = [t for t in tasks if t != "lm" and t not in SPLITS]
+    if unknown or not tasks:
+        raise UserError(f"--tasks: unknown task {(unknown or [''])[0]!r}; choose from {sorted(SPLITS) + ['lm']}")
+
+
+def load_inputs(tasks, split="test", data_dir=None, limit=None, ifeval_inputs=None, out_dir=None, gsm8k_shots=5):
+    """Every benchmark task's examples and GSM8K's shots, ({task: examples}, shots), loaded before any
+    model so a missing or bad file fails in seconds ('lm' reads its text later: see check_lm_data)."""
+    check_tasks(tasks)
+    inputs = {}
+    for task in tasks:
+        if task == "lm":
+            continue
+        if task == "ifeval":
+            if not has_split("ifeval", split):
+                load_docs("ifeval", split)  # raises the --split error
+            rows = read_jsonl(ifeval_inputs_path(ifeval_inputs, data_dir, _ifeval_dir(out_dir, split)))
+            inputs[task] = rows[:limit] if limit else rows
+        else:
+            inputs[task] = [EXAMPLES[task](d) for d in load_docs(task, split, data_dir, limit)]
+    shots = []
+    if "gsm8k" in tasks:
+        if not 0 <= gsm8k_shots <= GSM8K_SHOT_POOL:
+            raise UserError(f"--gsm8k-shots must be in 0..{GSM8K_SHOT_POOL}, got {gsm8k_shots}")
+        shots = [gsm8k_example(d) for d in load_rows("gsm8k", "train", data_dir)[:gsm8k_shots]]
+    return inputs, shots
+
+
+def check_lm_data(kwargs):
+    """--suite lm's text source (the run's --data or --task-data), checked before any model loads; prints
+    one warning line for a file that does not look like text."""
+    import data
+    if kwargs.get("task") == "gsm8k":
+        return data.check_task_data(kwargs.get("task_data", "openai/gsm8k"))
+    for note in data.check_source(kwargs.get("data"), kwargs.get("text_field", "text")):
+        print(f"eval.py: warning: {note}", file=sys.stderr)
 
 
 def evaluate_lm_eval(model_path, tasks, limit=None, batch_size=16, device="cpu", dtype="auto", gsm8k_shots=5):
@@ -673,8 +703,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def get_parser():
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], allow_abbrev=False, formatter_class=HelpFormatter,
+    p = ArgumentParser(
+        prog="eval.py", description=__doc__.split("\n")[0], allow_abbrev=False, formatter_class=HelpFormatter,
         epilog="tables and figures moved to report.py; these are handed over to it:\n"
                "  eval.py --compare RUN... [--compare-baseline NAME] [--compare-out F.md]\n"
                "  eval.py --plot F.png [--plot-kind budget|entropy] [--plot-metric M] RUN...")
@@ -720,9 +750,32 @@ def _is_run(path):
     return os.path.isdir(path) and os.path.isdir(os.path.join(path, "model"))
 
 
+def _is_run_without_model(path):
+    """A train.py --out-dir (its config.json has a config_key) with no model/ to evaluate."""
+    cfg = os.path.join(path, "config.json")
+    return (os.path.isdir(path) and not _is_run(path) and os.path.isfile(cfg)
+            and "config_key" in (read_json(cfg) or {}))
+
+
+def check_flags(args):
+    """eval.py's number flags, checked before anything loads (UserError naming the flag)."""
+    for flag in ("limit", "batch_size", "max_new_tokens", "seq_len"):
+        v = getattr(args, flag)
+        if v is not None and v < (2 if flag == "seq_len" else 1):
+            raise UserError(f"--{flag.replace('_', '-')} must be >= {2 if flag == 'seq_len' else 1}, got {v}")
+    for flag in ("tokens", "eval_tokens"):
+        v = getattr(args, flag)
+        if v is not None and not (math.isfinite(v) and v >= 1):
+            raise UserError(f"--{flag.replace('_', '-')} must be a finite number >= 1, got {v}")
+    if args.out is not None and writable_dir_problem(args.out):
+        raise UserError(f"--out {args.out!r} {writable_dir_problem(args.out)}")
+
+
 def _tasks(args):
     if args.tasks:
-        return args.tasks.split(",")
+        tasks = [t.strip() for t in args.tasks.split(",")]
+        check_tasks(tasks)
+        return tasks
     tasks = []
     for task in SUITES[args.suite]:
         if task == "lm" or has_split(task, args.split):
@@ -735,11 +788,9 @@ def _tasks(args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a.split("=")[0] in ("--compare", "--plot") for a in argv):
-        import report  # tables and figures live there; this keeps old command lines working
-        return report.main(argv)
+        return report.main(argv)  # tables and figures live there; this keeps old command lines working
     args = get_parser().parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    check_flags(args)
     if args.ifeval_responses:
         if not args.out:
             raise UserError("--ifeval-responses needs --out DIR")
@@ -748,6 +799,9 @@ def main(argv=None):
         return res
     if not args.target:
         raise UserError("give one run dir or model to evaluate (or --ifeval-responses; tables: report.py)")
+    if _is_run_without_model(args.target):
+        raise UserError(f"eval.py target {args.target}: a train.py run without model/ (run with --no-save-model, "
+                        f"or killed before it finished): rerun train.py with --save-model, then evaluate it")
     run = _is_run(args.target)
     model_path = os.path.join(args.target, "model") if run else args.target
     cfg = read_json(os.path.join(args.target, "config.json")) if run else {}
@@ -755,6 +809,8 @@ def main(argv=None):
     student_device = args.student_device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch_dtype(args.dtype, student_device)
     out_dir = args.out or (args.target if run else None)
+    if out_dir and writable_dir_problem(out_dir):
+        raise UserError(f"eval.py: the output dir {out_dir!r} {writable_dir_problem(out_dir)} (set --out)")
     if args.backend == "lm-eval":
         if args.split != "test" or "lm" in tasks:
             raise UserError("--backend lm-eval scores the benchmarks' test split only (no --suite lm)")
@@ -762,16 +818,20 @@ def main(argv=None):
         results = evaluate_lm_eval(model_path, tasks, args.limit, args.batch_size, student_device, dtype_name,
                                    args.gsm8k_shots)
     else:
+        lm_kwargs = report.data_kwargs(cfg, args)
+        if "lm" in tasks:
+            check_lm_data(lm_kwargs)
+        prepared = load_inputs(tasks, args.split, args.data_dir, args.limit, args.ifeval_inputs, out_dir,
+                               args.gsm8k_shots)  # before the model: a bad file fails in seconds
         model, tok = load_model(model_path, student_device, dtype, flag="eval.py target")
         teacher = None
         if "lm" in tasks:
             spec = args.teacher or cfg.get("teacher")
             if spec and spec != "none":
                 teacher, _ = load_model(spec, args.teacher_device or student_device, dtype, flag="--teacher")
-        import report  # the run's data flags, read the same way the figures read them
         results = evaluate(model, tok, tasks, args.split, args.data_dir, args.limit, args.batch_size,
                            args.max_new_tokens, args.chat_template, out_dir, args.ifeval_inputs, teacher,
-                           report.data_kwargs(cfg, args), args.gsm8k_shots, progress=not args.no_progress)
+                           lm_kwargs, args.gsm8k_shots, progress=not args.no_progress, prepared=prepared)
     if out_dir:
         path = os.path.join(out_dir, "eval.json" if args.split == "test" else f"eval_{args.split}.json")
         merged = read_json(path) if os.path.isfile(path) else {}
@@ -779,7 +839,7 @@ def main(argv=None):
         atomic_json(path, merged)
         print(f"wrote {path}", file=sys.stderr)
     print(json.dumps(results, indent=2))
-    average = paper_average(results)
+    average = report.paper_average(results)
     if average is not None:
         print(f"Acc (paper average) = {average:.4f}")
     return results
@@ -824,10 +884,6 @@ SCORERS = {
     "lambada": score_lambada,
     "gsm8k": score_gsm8k,
 }
-
-CHOICE_TASKS = ("arc_easy", "hellaswag", "piqa")
-ACC_AVERAGE = [("hellaswag", "acc_norm"), ("piqa", "acc_norm"), ("arc_easy", "acc_norm"),
-               ("lambada", "acc"), ("gsm8k", "strict_match")]
 
 SUITES = {
     "paper": ["hellaswag", "piqa", "arc_easy", "lambada", "gsm8k", "ifeval"],

@@ -713,17 +713,25 @@ def summarize(strict_rows: list, loose_rows: list, missing: int = 0) -> dict:
 # ----------------------------------------------------------------------------
 
 def _read_jsonl(path: str, what: str) -> list[dict]:
+    """The JSON objects of a .jsonl file, one a line; errors name the file and the line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{n}: not UTF-8 text (a binary file?)") from None
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: a JSON {type(row).__name__}, not an object with {what} fields")
+            rows.append(row)
     return rows
 
 
@@ -731,9 +739,13 @@ def load_inputs(path: str) -> list[dict]:
     """Official input_data.jsonl rows: key, prompt, instruction_id_list, kwargs."""
     rows = _read_jsonl(path, "IFEval inputs")
     for n, r in enumerate(rows, 1):
-        for k in ("prompt", "instruction_id_list", "kwargs"):
+        for k, kind in (("prompt", str), ("instruction_id_list", list), ("kwargs", list)):
             if k not in r:
                 raise ValueError(f"{path}: row {n} has no {k!r}")
+            if not isinstance(r[k], kind):
+                raise ValueError(f"{path}: row {n}: {k!r} must be a {kind.__name__}, got {type(r[k]).__name__}")
+        if not all(isinstance(kw, dict) for kw in r["kwargs"]):
+            raise ValueError(f"{path}: row {n}: 'kwargs' must be a list of objects")
         if len(r["kwargs"]) != len(r["instruction_id_list"]):
             raise ValueError(f"{path}: row {n} has {len(r['instruction_id_list'])} "
                              f"instruction ids but {len(r['kwargs'])} kwargs")
@@ -750,6 +762,8 @@ def load_responses(path: str) -> dict:
     for n, r in enumerate(_read_jsonl(path, "IFEval responses"), 1):
         if "prompt" not in r or "response" not in r:
             raise ValueError(f"{path}: row {n} needs 'prompt' and 'response'")
+        if not isinstance(r["prompt"], str) or not isinstance(r["response"], (str, type(None))):
+            raise ValueError(f"{path}: row {n}: 'prompt' and 'response' must be strings")
         out[r["prompt"]] = r["response"] if r["response"] is not None else ""
     return out
 

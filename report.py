@@ -9,9 +9,12 @@ the run done), RUN/model/, and after `eval.py RUN` also RUN/eval.json (RUN/eval_
 --split validation). Nothing here trains or scores a benchmark; it only reads those files (and, for the
 entropy figure, runs the run's model over one held-out sequence).
 
-The table (--compare): runs are grouped by config.json's run_name (the label without the seed); each
-row is one group, cells are mean ± sample std over its seeds (± 0 for one seed). Columns, left out
-when no row has them:
+The table (--compare): one row per configuration, its seeds together: runs whose config.json agree in
+every flag but the seed (and the flags that only place, name or log a run: NOT_CONFIG) are one group,
+labelled by run_name (the label without the seed; the directory's name without one). Two
+configurations under one label are two rows, each label followed by the flags it differs in: runs of
+different flags are never averaged. Cells are mean ± sample std over the group's seeds (± 0 for one
+seed). Columns, left out when no row has them:
   held-out loss / PPL / top-1 agree / ECE  the student after distillation on the held-out split of
                                            the *training text* (summary.json's student_after)
   probe acc              LAMBADA-style last-word accuracy (a fraction) on train.py's --probe file
@@ -19,9 +22,9 @@ when no row has them:
   KL(p‖q)                the true forward KL to the teacher on that text (a live or memoised teacher)
   KL est. (RS cache)     the RS-KD estimate of a --cache-dir run (cached sampled targets): it exceeds
                          the true KL by a constant of the cache, so it is never shown as KL(p‖q)
-  Acc                    eval.paper_average: the paper's Acc (see eval.py)
+  Acc                    paper_average: the paper's Acc (defined in eval.py's doc)
   LAMBADA PPL / ECE      the paper's PPL and ECE columns (eval.json), not the held-out text numbers
-  ECE choices            eval.choice_ece_average: 15-bin ECE of the softmax over answer choices,
+  ECE choices            choice_ece_average: 15-bin ECE of the softmax over answer choices,
                          averaged over ARC-E, HellaSwag and PIQA (the authors' evaluation code)
   GSM8K strict/flexible  exact match after the harness's two answer filters
   IFEval S / L           prompt-level strict / loose accuracy
@@ -35,7 +38,9 @@ excludes 0 (with identical differences, sd = 0, any nonzero mean is called). One
 only the mean and [n=1]: no interval, never called. The t quantile is computed exactly (the closed-form
 Student-t CDF for integer df, inverted by bisection; see t_quantile), not from a table. paired_stats()
 is the same computation for other callers. Two reference rows close the table: the student before
-distillation and the teacher (no Δ).
+distillation and the teacher (no Δ), one per seed. Runs measured on different held-out text or
+teachers (HELDOUT_FLAGS differ: --seq-len, --data, ...) get one pair of reference rows per setting,
+labelled by it, and one line on stderr names the flags that differ.
 
 Runs that cannot be compared are skipped with one line on stderr, never ranked: an incomplete run
 (no summary.json, a summary.json older than config.json, or summary "complete": false: a rerun was
@@ -55,7 +60,7 @@ import os
 import statistics
 import sys
 
-from common import UserError, run_cli, atomic_write, read_json
+from common import ArgumentParser, UserError, run_cli, atomic_write, read_json
 
 # -----------------------------------------------------------------------------
 # reading runs
@@ -100,7 +105,7 @@ def load_run(run_dir, split="test"):
 
 
 def kl_columns(metrics, summary=None):
-    """`metrics` (models.heldout_metrics output) with the KL under two names that never mix:
+    """`metrics` (heldout.heldout_metrics output) with the KL under two names that never mix:
     kl_true = KL(p || q) to the real teacher, kl_rs_estimate = the RS-KD cache estimate.
 
     A --cache-dir run's summary carries val_kl_rs_estimate; older ones tag student_after with
@@ -207,32 +212,107 @@ def paired_stats(diffs):
 
 
 # -----------------------------------------------------------------------------
+# the paper's averages of eval.py's benchmark numbers (eval.json); eval.py's doc says why these metrics
+
+CHOICE_TASKS = ("arc_easy", "hellaswag", "piqa")
+ACC_AVERAGE = [("hellaswag", "acc_norm"), ("piqa", "acc_norm"), ("arc_easy", "acc_norm"),
+               ("lambada", "acc"), ("gsm8k", "strict_match")]
+
+
+def paper_average(results):
+    """The paper's Acc: the mean of ACC_AVERAGE's five metrics of eval.json; None if any is missing."""
+    values = [(results or {}).get(task, {}).get(metric) for task, metric in ACC_AVERAGE]
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+def choice_ece_average(results):
+    """Mean ece_choice_softmax over ARC-E, HellaSwag and PIQA; None if any is missing."""
+    values = [(results or {}).get(task, {}).get("ece_choice_softmax") for task in CHOICE_TASKS]
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+# -----------------------------------------------------------------------------
 # the compare table
 
-def group_by_run_name(runs):
-    """Runs grouped by config run_name (the label without the seed), in order of first appearance."""
-    groups = {}
+# config.json fields that do not make a configuration: config.RUN_ONLY (where a run writes, what it is
+# called, how it logs; report cannot import config, whose imports reach this module: test_report.py
+# keeps the two in step), the seed a row averages over, and train.py's records of the machine
+NOT_CONFIG = frozenset(("out_dir", "run_name", "resume", "log_every", "eval_every", "ckpt_every", "save_model",
+                        "teacher_memo_gb", "keep_freed_memory", "head", "matrix", "seeds", "debug", "fresh",
+                        "seed", "config_key", "git_hash", "devices"))
+# the flags that fix the held-out text and the teacher the reference rows were measured with
+HELDOUT_FLAGS = ("teacher", "student", "student_layers", "data", "text_field", "task", "task_data", "seq_len",
+                 "eval_tokens", "eval_split", "dtype")
+
+
+def config_signature(cfg):
+    """What makes runs one configuration: config.json without NOT_CONFIG, as canonical JSON. precision is
+    kept without its why ('bf16 autocast, fp32 master weights (--dtype auto: ...)' -> the part before it)."""
+    sig = {k: v for k, v in cfg.items() if k not in NOT_CONFIG}
+    if "precision" in sig:
+        sig["precision"] = str(sig["precision"]).split(" (")[0]
+    return json.dumps(sig, sort_keys=True, default=str)
+
+
+def _differing(dicts):
+    """Keys whose values are not the same in every dict of `dicts` (a missing key counts as None)."""
+    keys = sorted(set().union(*dicts))
+    return [k for k in keys if len({json.dumps(d.get(k), sort_keys=True, default=str) for d in dicts}) > 1]
+
+
+def _label(mine, keys):
+    return ", ".join(f"{k}={mine.get(k)}" for k in keys)
+
+
+def group_runs(runs):
+    """Runs grouped into rows, in order of first appearance: {label: runs of one configuration}. label =
+    run_name (or the directory's name); when one label holds several configurations, each gets the flags
+    it differs in: 'seed0 (k=0.2)', 'seed0 (k=1.0)'."""
+    by = {}
     for r in runs:
         name = r["config"].get("run_name") or r["summary"].get("run_name") or os.path.basename(
             os.path.normpath(r["dir"]))
-        groups.setdefault(name, []).append(r)
+        by.setdefault((name, config_signature(r["config"])), []).append(r)
+    groups = {}
+    for (name, sig), group in by.items():
+        sigs = [json.loads(s) for n, s in by if n == name]
+        if len(sigs) > 1:
+            name = f"{name} ({_label(json.loads(sig), _differing(sigs))})"
+        groups[name] = group
     return groups
 
 
-def reference_rows(runs):
+def reference_rows(runs, log=None):
     """The table's reference groups, one entry per seed (runs of one seed share them): the undistilled
-    student (summary student_before) and the teacher (summary teacher: loss, ppl, ece)."""
-    before, teacher = {}, {}
+    student (summary student_before) and the teacher (summary teacher: loss, ppl, ece). One pair per
+    held-out setting (HELDOUT_FLAGS); when there are several, `log` gets one line naming the flags."""
+    settings = {}
     for r in runs:
-        seed, summary = r["config"].get("seed"), r["summary"]
-        if summary.get("student_before") and seed not in before:
-            before[seed] = {"config": {}, "eval": {}, "summary": {},
-                            "heldout": kl_columns(summary["student_before"])}
-        if summary.get("teacher") and seed not in teacher:
-            teacher[seed] = {"config": {}, "eval": {}, "summary": {},
-                             "heldout": kl_columns(summary["teacher"])}
-    return {name: list(rows.values()) for name, rows in
-            (("student, no KD (reference)", before), ("teacher (reference)", teacher)) if rows}
+        setting = json.dumps({f: r["config"].get(f) for f in HELDOUT_FLAGS}, sort_keys=True, default=str)
+        settings.setdefault(setting, []).append(r)
+    values = [json.loads(s) for s in settings]
+    differ = _differing(values)
+    if differ and log is not None:
+        shown = "; ".join(f"--{f.replace('_', '-')} " + ", ".join(sorted({str(v.get(f)) for v in values}))
+                          for f in differ)
+        log(f"report.py: note: these runs differ in {shown}: their held-out numbers come from different text "
+            f"or teachers, so the reference rows are given per setting")
+    out = {}
+    for setting, group in settings.items():
+        tag = f", {_label(json.loads(setting), differ)}" if differ else ""
+        before, teacher = {}, {}
+        for r in group:
+            seed, summary = r["config"].get("seed"), r["summary"]
+            if summary.get("student_before") and seed not in before:
+                before[seed] = {"config": {}, "eval": {}, "summary": {},
+                                "heldout": kl_columns(summary["student_before"])}
+            if summary.get("teacher") and seed not in teacher:
+                teacher[seed] = {"config": {}, "eval": {}, "summary": {},
+                                 "heldout": kl_columns(summary["teacher"])}
+        for name, rows in ((f"student, no KD (reference{tag})", before), (f"teacher (reference{tag})", teacher)):
+            if rows:
+                out[name] = list(rows.values())
+    return dict(sorted(out.items(), key=lambda kv: not kv[0].startswith("student")))
 
 
 # columns that get a Δ vs the baseline: the quality numbers two runs of one seed can be paired on
@@ -275,12 +355,13 @@ def compare_runs(run_dirs, split="test", refs=True, baseline=None, log=None):
     """The paper-style markdown table (see the module doc); columns no row has are left out."""
     if not run_dirs:
         raise UserError("--compare needs at least one run directory")
+    log = log or (lambda msg: print(msg, file=sys.stderr))
     runs = load_comparable_runs(run_dirs, split, log)
-    groups = group_by_run_name(runs)
+    groups = group_runs(runs)
     paired = paired_columns(groups, baseline) if baseline else {}
     columns = [col for c in COLUMNS for col in (c, paired.get(c[0])) if col]  # Δ right after its column
     if refs:
-        groups.update(reference_rows(runs))
+        groups.update(reference_rows(runs, log))
     delta = {header for header, _, _ in paired.values()}  # Δ columns: an interval; the others: mean ± std
     rows = []
     for name, group in groups.items():
@@ -340,7 +421,6 @@ def budget_data(run_dirs, metric="auto", split="test"):
     'random' (l axis). y = the benchmark Acc average (metric 'acc'), the held-out student loss
     ('loss') or its true KL to the teacher ('kl'); 'auto' takes acc when every run has it, else loss.
     """
-    from eval import paper_average
     if not run_dirs:
         raise UserError("--plot-kind budget needs run directories")
     runs = load_comparable_runs(run_dirs, split)
@@ -534,8 +614,8 @@ def data_kwargs(cfg, args=None):
 # command line
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="report.py", description=__doc__.split("\n")[0], allow_abbrev=False,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("runs", nargs="*", help="run dirs (train.py --out-dir) for --plot; also accepted for --compare")
     a("--compare", nargs="+", metavar="RUN", help="print the paper-style table of these runs")
@@ -582,11 +662,11 @@ COLUMNS = [  # (header, format, row -> value or None); row = load_run() or a ref
     ("top-1 agree", ".4f", lambda r: r["heldout"].get("top1_agree")),
     ("held-out ECE", ".4f", lambda r: r["heldout"].get("ece")),
     ("probe acc", ".4f", lambda r: r["heldout"].get("probe_acc")),  # a fraction, train.py --probe
-    ("Acc", ".4f", lambda r: _eval_metric("paper_average", r)),
+    ("Acc", ".4f", lambda r: paper_average(r["eval"])),
     ("LAMBADA PPL", ".2f", lambda r: _get(r["eval"], "lambada", "ppl")),
     ("LAMBADA ECE", ".4f", lambda r: _get(r["eval"], "lambada", "ece_greedy_word")
      if _get(r["eval"], "lambada", "ece_greedy_word") is not None else _get(r["eval"], "lambada", "ece")),
-    ("ECE choices", ".4f", lambda r: _eval_metric("choice_ece_average", r)),
+    ("ECE choices", ".4f", lambda r: choice_ece_average(r["eval"])),
     ("GSM8K strict", ".4f", lambda r: _get(r["eval"], "gsm8k", "strict_match")),
     ("GSM8K flexible", ".4f", lambda r: _get(r["eval"], "gsm8k", "flexible_extract")),
     ("IFEval S", ".4f", lambda r: _get(r["eval"], "ifeval", "prompt_strict")),
@@ -598,11 +678,6 @@ COLUMNS = [  # (header, format, row -> value or None); row = load_run() or a ref
     ("mem S (GiB)", ".2f", lambda r: _gib(_get(r["summary"], "peak_mem_bytes", "student"))),
     ("mem T (GiB)", ".2f", lambda r: _gib(_get(r["summary"], "peak_mem_bytes", "teacher"))),
 ]
-
-
-def _eval_metric(name, row):
-    import eval as evaluation  # the benchmark definitions live with the scorers
-    return getattr(evaluation, name)(row["eval"])
 
 
 if __name__ == "__main__":

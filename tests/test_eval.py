@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import eval as E  # noqa: E402
 import heldout  # noqa: E402
+import report  # noqa: E402
 from common import UserError  # noqa: E402
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -247,9 +248,9 @@ def test_choice_ece_is_the_softmax_over_choices(tok):
     conf = [torch.tensor(r["choice_loglikelihoods"], dtype=torch.float64).softmax(0).max().item() for r in rows]
     assert conf[0] == pytest.approx(conf[1]) and 0.5 < conf[0] < 1.0
     assert res["ece_choice_softmax"] == pytest.approx(abs(conf[0] - 0.5), abs=1e-9)  # one bin: |0.5 - conf|
-    assert E.choice_ece_average({"arc_easy": {"ece_choice_softmax": 0.1}, "piqa": {"ece_choice_softmax": 0.2},
+    assert report.choice_ece_average({"arc_easy": {"ece_choice_softmax": 0.1}, "piqa": {"ece_choice_softmax": 0.2},
                                  "hellaswag": {"ece_choice_softmax": 0.3}}) == pytest.approx(0.2)
-    assert E.choice_ece_average({"piqa": {"ece_choice_softmax": 0.2}}) is None
+    assert report.choice_ece_average({"piqa": {"ece_choice_softmax": 0.2}}) is None
 
 
 # -----------------------------------------------------------------------------
@@ -487,7 +488,7 @@ def test_cli_run_dir_writes_eval_json(tok, data_dir, tmp_path):
     saved = json.load(open(run / "eval.json"))
     assert set(saved) == {"hellaswag", "piqa", "arc_easy", "lambada", "gsm8k"}
     assert saved["lambada"]["n"] == 5 and saved["lambada"]["ppl"] > 1.0 and saved["gsm8k"]["shots"] == 1
-    assert 0.0 <= E.paper_average(saved) <= 1.0
+    assert 0.0 <= report.paper_average(saved) <= 1.0
     assert saved == json.loads(json.dumps(res))
     assert sorted(os.listdir(run / "eval_examples")) == sorted(f"{t}.jsonl" for t in saved)
     # the paper suite on the selection split skips the tasks that have none, and writes its own file
