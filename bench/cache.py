@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 import cache  # noqa: E402
 import data  # noqa: E402
+import fused_head  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
 import selection  # noqa: E402
@@ -71,7 +72,7 @@ def train_throughput(student, tc, packed, V, B, steps, k, chunk, device):
         sel = w > 0
         rw = losses.normalise_by_samples(w)[sel]  # Eq. 4: per-sequence normalisation
         teacher = losses.SparseTeacher(ids.to(device)[sel], probs.to(device)[sel])
-        loss = losses.head_loss(hs[sel], Ws, y[sel], rw, teacher, chunk_size=chunk)
+        loss = fused_head.head_loss(hs[sel], Ws, y[sel], rw, teacher, chunk_size=chunk)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -6,7 +6,7 @@ states of that script's models on its batch (selective_head.make_ctx + models.tr
 variant as leaf tensors: student hidden (B, T, d) and student head W_s (V, d) require grad; the
 teacher's hidden (B, T, d_t) and head W_t (V, d_t) are fixed. Every variant computes the teacher
 logits inside its step. Variants:
-    ours_full    ours Full KD: losses.head_loss over all rows (chunked fused head, weights 1/T per row, / B)
+    ours_full    ours Full KD: fused_head.head_loss over all rows (chunked fused head, weights 1/T per row, / B)
     ours_sekd20  ours SE-KD k = 20%: selection.chunked_scores("student_entropy") -> POLICIES["top_k"]
                  -> head_loss on the selected rows only (the train.py step)
     torchtune    torchtune ForwardKLWithChunkedOutputLoss (8 output chunks, as torchtune's KD recipe)
@@ -52,6 +52,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import config  # noqa: E402
+import fused_head  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
 import selection  # noqa: E402
@@ -104,8 +105,8 @@ def ours(x, k):
     w = selection.POLICIES["top_k"](scores, valid, k)
     sel = w > 0
     rw = losses.normalise_by_samples(w)[sel]
-    return losses.head_loss(hs[sel], Ws, y[sel], rw, losses.DenseTeacher(x["ht"][sel], x["Wt"]),
-                            chunk_size=x["chunk"]), w
+    return fused_head.head_loss(hs[sel], Ws, y[sel], rw, losses.DenseTeacher(x["ht"][sel], x["Wt"]),
+                                chunk_size=x["chunk"]), w
 
 
 def dense_logits(x):

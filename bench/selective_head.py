@@ -9,7 +9,7 @@ p_t (teacher) and q_t (student) are only needed at N = sum_t m_t rows: the selec
 Variants (all at k = 20% except chunked_k100; all but chunked_k100 give the same loss):
     default        naive flow: teacher(x).logits and student(x).logits, both (B, T, V) fp32; dense
                    entropy H(q_t) over (B, T, V), top-k mask, dense KL over (B, T, V), masked mean
-    chunked_k100   ours at k = 100% (Full KD): trunk, then losses.head_loss over every valid row
+    chunked_k100   ours at k = 100% (Full KD): trunk, then fused_head.head_loss over every valid row
                    (logits chunk_size rows at a time, fused backward; no (B, T, V) tensor)
     k20_teacher    teacher head only at the selected rows (N, V); student still full (B, T, V)
     k20_student    student head only at the selected rows (chunked scoring, then h_s[m] @ W_s^T with
@@ -17,7 +17,7 @@ Variants (all at k = 20% except chunked_k100; all but chunked_k100 give the same
     k20_plain      both sides at the selected rows, plain autograd (the (N, V) tensors of Table 16's
                    selective head, no chunking)
     k20_selective  ours, THE train.py step: trunk -> selection.chunked_scores -> top_k ->
-                   losses.head_loss(h_s[m], W_s, y[m], w, DenseTeacher(h_t[m], W_t)) -> backward
+                   fused_head.head_loss(h_s[m], W_s, y[m], w, DenseTeacher(h_t[m], W_t)) -> backward
 
 Memory (bytes above a baseline taken after model creation, the optimizer state and a warm-up step):
     teacher peak   peak during the teacher forward (its activations + the target it hands over:
@@ -67,6 +67,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
 import config  # noqa: E402
+import fused_head  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
 import selection  # noqa: E402
@@ -433,8 +434,8 @@ def student_step(variant, c, tgt, clock=None):
         clock.lap("student forward")
         sel, rw = _rows(_select_chunked(hs, c, k))
         clock.lap("scoring")
-        loss = losses.head_loss(hs[sel], c.Ws, c.y[sel], rw, losses.DenseTeacher(tgt[sel], c.Wt),
-                                chunk_size=c.chunk)  # the fused head: its backward runs here
+        loss = fused_head.head_loss(hs[sel], c.Ws, c.y[sel], rw, losses.DenseTeacher(tgt[sel], c.Wt),
+                                    chunk_size=c.chunk)  # the fused head: its backward runs here
         clock.lap("loss head")
         n = int(sel.sum())
     else:
