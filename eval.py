@@ -91,7 +91,8 @@ import torch
 from tqdm import tqdm
 
 import report  # the run's data flags and the paper's averages, read as the tables read them
-from common import ArgumentParser, UserError, run_cli, atomic_json, atomic_write, read_json, writable_dir_problem
+from common import (ArgumentParser, UserError, atomic_json, atomic_write, read_json, row_chunks, run_cli,
+                    writable_dir_problem)
 from losses import matmul_weight
 from heldout import expected_calibration_error, heldout_metrics
 from models import head_weight, load_model, trunk
@@ -343,9 +344,9 @@ def loglikelihood(model, requests, batch_size=16, vocab=None, chunk_size=1024, p
         segment = torch.tensor(row_of, dtype=torch.long)
         y = torch.tensor(targets, dtype=torch.long, device=device)
         h = hidden[segment.to(device), torch.tensor(pos_of, dtype=torch.long, device=device)]  # (N, d)
-        for c in range(0, len(targets), chunk_size):
-            lp = torch.log_softmax((h[c:c + chunk_size] @ W.T).float(), -1)  # (n, V) fp32
-            yc, seg = y[c:c + chunk_size], segment[c:c + chunk_size]
+        for c0, c1 in row_chunks(len(targets), chunk_size):
+            lp = torch.log_softmax((h[c0:c1] @ W.T).float(), -1)  # (n, V) fp32
+            yc, seg = y[c0:c1], segment[c0:c1]
             top, pred = lp.max(-1)
             ll.index_add_(0, seg, lp.gather(1, yc[:, None])[:, 0].double().cpu())
             log_conf.index_add_(0, seg, top.double().cpu())

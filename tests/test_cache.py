@@ -84,8 +84,8 @@ def _diffuse_draws(vocab, rows, U=64, seed=0):
 
 @pytest.mark.parametrize("vocab", [151_936, 2 ** 19])
 def test_counts_round_trip_exact_on_diffuse_rows(vocab):
-    """Format 1 kept 5 probability bits at V = 2^19 (6 at Qwen3's V): on diffuse rows 13-31 of 37-62
-    sampled classes quantized to 0 and vanished (TV 0.26-0.48). Counts are now stored exactly."""
+    """Diffuse rows keep every sampled class: counts are stored exactly (a quantized probability of a
+    few bits, as format 1 stored, rounds rare classes of such rows to 0)."""
     ids, counts, k = _diffuse_draws(vocab, 500)
     assert np.mean(k[2:]) > 55 and counts.max() == 64 and counts.min() == 1
     buf = cache.pack_classes(ids, counts, vocab, 64)
@@ -157,8 +157,8 @@ def test_build_target_equals_online_draw(tmp_path, temperature, seed):
 
 
 class _Watched(torch.Tensor):
-    """Logits that record every move to the host of a tensor still V wide (issue 15: the build moved
-    each batch of full-vocabulary logits to the host; only ids and counts may leave the device)."""
+    """Logits that record every move to the host of a tensor still V wide (only ids and counts may leave
+    the device: full-vocabulary logits on the host cost a copy of every batch)."""
     moved = []
 
     @classmethod
@@ -328,8 +328,8 @@ def test_open_errors(tmp_path):
 
 
 def test_dtype_is_part_of_the_key(tmp_path):
-    """Issue 18: an fp32 run silently reused a cache built under bf16. dtype recorded by the build is
-    checked on open even when the run does not pass it."""
+    """An fp32 run never reuses a cache built under bf16: the dtype recorded by the build is checked on
+    open even when the run does not pass it."""
     x, sid = _data(4)
     d = cache.build(tmp_path / "c", _teacher(), x, sid, _meta(dtype="torch.bfloat16"), progress=False)
     assert cache.open_cache(d, _expect(dtype="torch.bfloat16")).header["dtype"] == "torch.bfloat16"
@@ -440,7 +440,7 @@ def test_cli_inspect_verifies(tmp_path, capsys):
     r = _cli(capsys, "inspect", d)
     assert r.returncode == 2 and "do not sum to U=64" in r.stderr
 
-    raw[5] ^= 1                                         # a bit flip the checksum catches (issue 18 item 9)
+    raw[5] ^= 1                                         # a bit flip the checksum catches
     open(data, "wb").write(bytes(raw))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "cache.py", "inspect", str(d)], cwd=root, capture_output=True,

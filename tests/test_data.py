@@ -100,7 +100,7 @@ def test_gsm8k_prompt_masked(tmp_path, tiny_tok):
 
 
 # -----------------------------------------------------------------------------
-# issue 15 item 5: one file has a held-out split; issue 15 item 9: held-out only; issue 18 items 6, 10
+# one local file has a held-out split; a held-out-only load; rows whose text is not a string
 
 @pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
 def test_single_file_has_heldout_split(qwen_pair, tiny_tok, kind):
@@ -127,7 +127,7 @@ def test_txt_chunks_split_one_by_one(qwen_pair):
 
 def test_default_corpus_split_is_still_per_file():
     """The stdlib corpus keeps its per-file split (the README's numbers rest on it): every chunk's split
-    is the old rule's, sha256 of the file's relative path mod 100 (< 3 val, < 6 test)."""
+    is the per-file rule's, sha256 of the file's relative path mod 100 (< 3 val, < 6 test)."""
     def old(key):
         b = int(__import__("hashlib").sha256(key.split("#", 1)[0].encode()).hexdigest()[:8], 16) % 100
         return "val" if b < 3 else "test" if b < 6 else "train"
@@ -212,3 +212,59 @@ def test_bad_parquet_and_empty_sources_are_one_line_errors(tmp_path, tiny_tok):
         j.write_text(line + "\n")
         with pytest.raises(UserError, match=f"odd.jsonl: line 1 is {what}"):
             data.load_splits(tiny_tok, str(j), seq_len=16, tokens=160)
+
+
+# -----------------------------------------------------------------------------
+# the step's inputs: what each position is scored on
+
+def test_packed_targets_are_each_inputs_next_token():
+    stream = list(range(1, 10))  # one document, no EOS inside the rows
+    toks, valid = data.pack([stream[:-1]], seq_len=4, n_seqs=2, eos_id=0)
+    p = data.Packed(toks, valid, torch.arange(len(toks)), "fp")
+    assert p.input_ids.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert p.targets.tolist() == [[2, 3, 4, 5], [6, 7, 8, 0]]  # y_t = x_{t+1}; the stream's EOS closes it
+    assert p.targets.shape == p.input_ids.shape == p.valid.shape
+    x, y, v = next(p.batches(2))
+    assert torch.equal(y, p.targets) and torch.equal(x, p.input_ids)
+
+
+def test_gsm8k_supervises_every_answer_token_and_nothing_else(tiny_tok):
+    eos = tiny_tok.eos_token_id
+    for i in range(5):
+        row = {"question": f"What is {i} plus {i}?", "answer": f"It is {2 * i}.\n#### {2 * i}"}
+        tr = data.pack_gsm8k([row], tiny_tok, seq_len=96, held_out=0.0)["train"]
+        p = tiny_tok(data.GSM8K_PROMPT.format(question=row["question"]), add_special_tokens=False)["input_ids"]
+        a = tiny_tok(" " + row["answer"], add_special_tokens=False)["input_ids"] + [eos]
+        assert tr.input_ids[0, :len(p)].tolist() == p
+        # exactly the answer's tokens and its closing EOS are targets, the first answer token included
+        assert tr.valid[0].nonzero().flatten().tolist() == list(range(len(p) - 1, len(p) - 1 + len(a)))
+        assert tr.targets[0][tr.valid[0]].tolist() == a
+
+
+# -----------------------------------------------------------------------------
+# a file without line breaks; input that does not look like text
+
+def test_a_file_without_line_breaks_is_cut_into_documents(tmp_path, tiny_tok):
+    words = " ".join(f"word{i % 97}" for i in range(60_000))  # ~400 KB on one line
+    f = tmp_path / "oneline.txt"
+    f.write_text(words)
+    docs = list(data.iter_documents(str(f)))
+    assert len(docs) >= 50 and all(len(t) <= 2 * data.MAX_DOC_CHARS for _, t, _ in docs)
+    assert {s for _, _, s in docs} == {"train", "val", "test"}
+    assert "".join(t for _, t, _ in docs) == words  # cut between words; not a character lost
+    assert all(t.endswith(" ") for _, t, _ in docs[:-1])
+    sp = data.load_splits(tiny_tok, str(f), seq_len=32, tokens=1024, eval_tokens=64)
+    assert len(sp["val"]) == 2 and len(sp["test"]) == 2
+
+
+def test_sniff_names_what_is_not_text(tmp_path):
+    def sniff(name, content):
+        p = tmp_path / name
+        (p.write_bytes if isinstance(content, bytes) else p.write_text)(content)
+        return data.sniff(str(p))
+    assert sniff("ok.txt", "plain text, naïve café ✓\n" * 100) is None
+    assert sniff("cut.txt", "é" * 40_000) is None  # a character cut at the sniffed prefix is not an error
+    assert "GGUF" in sniff("m.gguf", b"GGUF\x03\x00\x00\x00" + bytes(100))
+    assert "3 of its first" in sniff("nul.txt", b"abc\x00def\x00\x00")
+    latin = sniff("latin.txt", "Le café est très noir.\n".encode("latin-1"))
+    assert "2 of its first 23 bytes" in latin and "latin-1" in latin

@@ -265,7 +265,7 @@ def test_splits_are_explicit_and_disjoint(data_dir):
     # GSM8K validation = train minus the shot pool, so a shot is never a scored example
     val = E.load_docs("gsm8k", "validation", data_dir)
     assert val == GSM8K_TRAIN[E.GSM8K_SHOT_POOL:]
-    # LAMBADA in full (the old --split test scored odd rows only: 2 of 5)
+    # LAMBADA in full: all 5 rows, not a subset
     assert len(E.load_docs("lambada", "test", data_dir)) == 5
     assert len(E.load_docs("lambada", "test", data_dir, limit=2)) == 2
     with pytest.raises(UserError, match="--split validation: lambada has no validation split"):
@@ -339,7 +339,7 @@ def test_prompts_are_raw_unless_asked(tok):
     t = byte_tokenizer()
     t.chat_template = ("{% for m in messages %}<u>{{ m.content }}</u>{% endfor %}"
                        "{% if enable_thinking is defined and not enable_thinking %}<nothink>{% endif %}")
-    assert E.format_prompt(t, "hi") == "hi"  # the old default wrapped whenever a template existed
+    assert E.format_prompt(t, "hi") == "hi"  # raw unless --chat-template, template or not
     assert E.format_prompt(t, "hi", chat_template=True) == "<u>hi</u><nothink>"
     with pytest.raises(UserError, match="--chat-template"):
         E.format_prompt(tok, "hi", chat_template=True)
@@ -399,7 +399,7 @@ def test_ifeval_scores_every_prompt_with_the_harness_length(tok, tmp_path, monke
     monkeypatch.setattr(E, "generate_greedy", spy)
     res = E.evaluate(model, tok, ["ifeval"], split="test", ifeval_inputs=str(inp), out_dir=str(tmp_path / "o"),
                      progress=False)["ifeval"]
-    assert calls["scored"] == ["P0:", "P1:", "P2:", "P3:"]  # all prompts (the old test split: odd rows)
+    assert calls["scored"] == ["P0:", "P1:", "P2:", "P3:"]  # all prompts, not a subset
     assert calls["max_new_tokens"] == 1280 and calls["prompts"][0] == "P0:"  # raw prompt
     assert res["prompt_strict"] == 1.0 and res["n"] == 4
     assert calls["written"] == str(tmp_path / "o" / "ifeval")

@@ -197,6 +197,48 @@ def test_compare_baseline_calls_only_intervals_that_exclude_zero(tmp_path):
     assert rows["full"]["n"] == "5" and rows["full"]["held-out loss"] == "2.2000 ± 0.1581"  # not a Δ: ± std
 
 
+def test_compare_never_averages_two_configurations(tmp_path):
+    # two runs' dirs end in seed0 and neither has a run name: one row per configuration, named by its flag
+    a = fake_run(tmp_path, "a/seed0", None, 0, 2.0, cfg={"k": 0.2})
+    b = fake_run(tmp_path, "b/seed0", None, 0, 3.0, cfg={"k": 1.0})
+    _, rows = table_rows(R.compare_runs([a, b], refs=False))
+    assert set(rows) == {"seed0 (k=0.2)", "seed0 (k=1.0)"}
+    assert rows["seed0 (k=0.2)"]["n"] == "1" and rows["seed0 (k=0.2)"]["held-out loss"] == "2.0000 ± 0.0000"
+    # one run name, two learning rates: two rows; two seeds of one configuration: one row, n = 2
+    runs = [fake_run(tmp_path, f"full{s}", "full", s, 2.0 + s, cfg={"lr": 1e-3, "config_key": f"k{s}",
+                                                                     "out_dir": f"o{s}", "git_hash": f"g{s}"})
+            for s in (0, 1)] + [fake_run(tmp_path, "full_lr", "full", 0, 9.0, cfg={"lr": 1e-4})]
+    _, rows = table_rows(R.compare_runs(runs, refs=False))
+    assert set(rows) == {"full (lr=0.001)", "full (lr=0.0001)"} and rows["full (lr=0.001)"]["n"] == "2"
+
+
+def test_not_config_holds_every_run_only_flag():
+    import config
+    assert set(config.RUN_ONLY) <= R.NOT_CONFIG and "seed" in R.NOT_CONFIG and "k" not in R.NOT_CONFIG
+
+
+def test_reference_rows_per_heldout_setting_and_a_note(tmp_path):
+    def with_refs(d, before_loss, teacher_loss):
+        p = os.path.join(d, "summary.json")
+        s = json.load(open(p))
+        s["student_before"] = {"loss": before_loss, "ppl": math.exp(before_loss)}
+        s["teacher"] = {"loss": teacher_loss, "ppl": math.exp(teacher_loss)}
+        open(p, "w").write(json.dumps(s))
+        return d
+    runs = [with_refs(fake_run(tmp_path, f"t{T}", f"T{T}", 0, 2.0, cfg={"seq_len": T}), 10.0 + T, T / 100)
+            for T in (32, 64)]
+    lines = []
+    _, rows = table_rows(R.compare_runs(runs, log=lines.append))
+    assert lines == ["report.py: note: these runs differ in --seq-len 32, 64: their held-out numbers come from "
+                     "different text or teachers, so the reference rows are given per setting"]
+    assert rows["student, no KD (reference, seq_len=32)"]["held-out loss"] == "42.0000 ± 0.0000"
+    assert rows["student, no KD (reference, seq_len=64)"]["held-out loss"] == "74.0000 ± 0.0000"
+    assert rows["teacher (reference, seq_len=64)"]["held-out loss"] == "0.6400 ± 0.0000"
+    lines.clear()
+    R.compare_runs(runs[:1], log=lines.append)
+    assert lines == []  # one setting: no note
+
+
 def test_cli_errors_are_one_line(tmp_path):
     import subprocess
     out = subprocess.run([sys.executable, os.path.join(os.path.dirname(R.__file__), "report.py"), "--compare",
@@ -244,8 +286,8 @@ def test_plot_entropy_tokens(tmp_path):
 
 
 def test_figure_selection_is_selection_py(tmp_path):
-    # k = 0.7 of 10 valid positions: selection.num_selected keeps 7; the old private
-    # math.ceil(0.7 * 10) kept 8 (0.7 * 10 = 7.000000000000001 in floating point)
+    # k = 0.7 of 10 valid positions: selection.num_selected keeps 7, where a plain
+    # math.ceil(0.7 * 10) keeps 8 (0.7 * 10 = 7.000000000000001 in floating point)
     H = torch.arange(12, dtype=torch.float32)
     valid = torch.ones(12, dtype=torch.bool)
     valid[:2] = False
