@@ -302,7 +302,7 @@ def head_loss(student_hidden, student_head, targets, weights, teacher, loss="kl"
         return _forward_kl_ce_grad(z, t, targets[i0:i1], part(kd_coef, i0, i1), part(ce_coef, i0, i1),
                                    temperature)
 
-    closed = lam == 0 or not dense or kd_fn in CLOSED_FORM
+    closed = lam == 0 or not dense or any(kd_fn is f for f in CLOSED_FORM)  # pure CE, RS-KD, forward KL
     if torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad):
         return _FusedHead.apply(student_hidden, student_head, chunk_loss, chunk_size,
                                 chunk_grad if closed else None)

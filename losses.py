@@ -122,8 +122,8 @@ def entropy(logits, temperature=1.0):
 
 
 def matmul_weight(W):
-    """W (V, d) cast once to the dtype a matmul under the active autocast uses (fused_head.matmul_weight is
-    its home; eval.py still imports it from here)."""
+    """W (V, d) cast once to the dtype a matmul under the active autocast uses: fused_head.matmul_weight, for
+    the callers that import it from here."""
     dev = W.device.type
     if W.dtype == torch.float32 and torch.is_autocast_enabled(dev):
         return W.to(torch.get_autocast_dtype(dev))
@@ -580,6 +580,7 @@ def head_loss(student_hidden, student_head, targets, weights, teacher, loss="kl"
         with torch.no_grad():
             return (teacher.hidden[i0:i1] @ teacher.head.to(teacher.hidden.dtype).T).float()  # (c, V)
 
+    # lam w and (1 - lam) w per row; AT-KD (`ranks_rows`) first ranks every row by a no-grad teacher pass
     kd_coef, ce_coef, hard = head_coefs(kd_fn, teacher_rows, targets, weights, chunks, lam, hard_frac, atkd_lam)
 
     def chunk_loss(h, W, i0, i1):  # rows i0:i1 -> scalar; the only (c, V) logits alive
