@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.append(os.path.join(ROOT, "bench"))  # after the root: bench/cache.py must not shadow cache.py
 import common  # noqa: E402
 import fused_head  # noqa: E402
 import losses as L  # noqa: E402
