@@ -19,8 +19,8 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))  # the root first: `import cache` is cache.py, not bench/cache.py
 
 import torch  # noqa: E402
 

@@ -45,8 +45,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))  # the root first: `import cache` is cache.py, not bench/cache.py
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

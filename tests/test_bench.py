@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT
 
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.append(os.path.join(ROOT, "bench"))  # after the root: bench/cache.py must not shadow cache.py
 import selective_head as sh  # noqa: E402
 
 
