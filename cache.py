@@ -49,7 +49,8 @@ fingerprints, U, temperature, seed, and the teacher's `dtype` when meta carries 
 Read path: `open_cache(dir, expect)` checks the header against the run and every file's size (and by
 default its sha256; verify="lazy" checks each shard on first read); `TeacherCache.get(sample_ids)`
 returns ids (B, T, Umax) long and probs = counts / U (B, T, Umax) fp32 from np.memmap.
-`python cache.py inspect DIR` verifies the checksums and that every position's counts sum to U.
+`python cache.py inspect DIR` verifies the checksums, each shard's record against the header's copy, and
+that every position's counts sum to U.
 
 Table 6 of the paper (storage for 100B tokens, V = 100k): `python cache.py estimate --tokens 100e9
 --vocab 100000 --u 64 --l 0.2`.

@@ -157,8 +157,12 @@ def writable_dir_problem(path):
         p = os.path.dirname(p)
     if not os.path.isdir(p):
         return "is a file, not a directory" if p == os.path.abspath(path) else f"is under {p}, which is a file"
-    if not os.access(p, os.W_OK | os.X_OK):
-        return f"is not writable ({p}: permission denied)"
+    try:  # a real write: os.access misses read-only mounts and lets root pass everywhere
+        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX + "probe.", dir=p)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        return f"is not writable ({p}: {e.strerror})"
     return None
 
 

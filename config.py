@@ -41,8 +41,8 @@ PRESETS = {  # explicit flags override these
 }
 SAMPLE_METRICS = ["none", "student_entropy", "ce_ratio", "kl", "random"]
 MATRICES = ["table2", "table3", "table4", "table5", "core", "budget"]  # defined in study.py
-# flags that change where a run writes or what it is called, not its numbers (kept out of config_key)
 DEFAULT_TASK_DATA = "openai/gsm8k"
+# flags that change where a run writes or what it is called, not its numbers (kept out of config_key)
 RUN_ONLY = ("out_dir", "run_name", "resume", "log_every", "eval_every", "ckpt_every", "save_model", "teacher_memo_gb",
             "keep_freed_memory", "head",
             "matrix", "seeds", "debug", "fresh")
@@ -50,7 +50,7 @@ RUN_ONLY = ("out_dir", "run_name", "resume", "log_every", "eval_every", "ckpt_ev
 
 def get_parser():
     p = common.ArgumentParser(prog="train.py", description="Selective knowledge distillation, one run.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     a = p.add_argument
     a("--preset", choices=PRESETS, default="tiny", help="defaults for a setting; explicit flags win")
     g = p.add_argument_group("models and data").add_argument
@@ -108,8 +108,9 @@ def get_parser():
     g("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     g("--seed", type=int, default=0, help="data order, selection draws, cache sampling")
     g("--dtype", choices=["auto", "fp32", "bf16"], default=None,
-      help="bf16: teacher in bf16, student fp32 master weights under bf16 autocast; auto (default; --preset sandbox: fp32): bf16 on a GPU, "
-           "and on a CPU whose bf16 GEMM is >= 1.5x fp32's (measured at start; $NANO_SEKD_CPU_DTYPE fixes it)")
+      help="bf16: teacher in bf16, student fp32 master weights under bf16 autocast; auto (default; --preset "
+           "sandbox: fp32): bf16 on a GPU, and on a CPU whose bf16 GEMM is >= 1.5x fp32's (measured at start; "
+           "$NANO_SEKD_CPU_DTYPE fixes it)")
     g = p.add_argument_group("devices and runs").add_argument
     g("--teacher-device", help="one process: default cuda:0 (cpu without GPUs); not with torchrun")
     g("--student-device", help="one process: default cuda:1 with two GPUs, else the teacher's; not with torchrun")

@@ -15,11 +15,14 @@ Sources (`--data`):
     library's own sources (docstrings, comments, code), in file chunks of ~4,000 characters;
   - local files: `.txt`, `.jsonl` (field `--text-field`, default `text`), `.parquet`, or a glob;
   - anything else: a hub dataset id streamed with `datasets` (the paper: `HuggingFaceFW/fineweb-edu`).
+check_source checks a source before any model loads (files exist and have the field, a hub id is cached
+or reachable) and warns about files that do not look like UTF-8 text (sniff: NUL bytes, GGUF, latin-1).
 
 Splits. Each document is assigned to train / val / test by a hash of its key, independent of the
 seed, so held-out text never appears in training whatever the seed; the seed only orders the training
 documents. The unit that is hashed: a file of the stdlib corpus (all its chunks share a split), a row
-of a .jsonl/.parquet file or of a hub dataset, a ~4,000-character chunk of a local .txt file. So one
+of a .jsonl/.parquet file or of a hub dataset, a ~4,000-character chunk of a local .txt file (cut at
+line breaks; a longer line at a space, so a file without line breaks has chunks too). So one
 local file is split too: a file of n >= 3 documents whose hash gave it no val (or no test) document
 sends its lowest-hash training documents there. An empty held-out split is an error (common.UserError)
 before any training. Same data + seed + tokenizer => same sequences and same sample ids (sample id =
@@ -49,11 +52,13 @@ SPLIT_PCT = {"val": 3, "test": 3}  # percent of documents (by key hash) held out
 # documents
 
 def _pieces(line):
-    """A line of at most MAX_DOC_CHARS, or a longer one cut after its last space before each MAX_DOC_CHARS
-    (hard cut without one): a file without line breaks still makes many documents, so it has a held-out
-    split."""
+    """A line longer than MAX_DOC_CHARS cut after a space (the last before MAX_DOC_CHARS, else the first
+    after it), so a file without line breaks still makes many documents and a held-out split. A run
+    without spaces stays whole: a cut there could split a word or a special token ('<|endoftext|>')."""
     while len(line) > MAX_DOC_CHARS:
-        cut = line.rfind(" ", MAX_DOC_CHARS // 2, MAX_DOC_CHARS) + 1 or MAX_DOC_CHARS
+        cut = line.rfind(" ", 0, MAX_DOC_CHARS) + 1 or line.find(" ", MAX_DOC_CHARS) + 1
+        if not cut:
+            break
         yield line[:cut]
         line = line[cut:]
     yield line
@@ -239,6 +244,11 @@ def iter_documents(data=None, seed=0, text_field="text", skipped=None):
 def _is_local(spec):
     """A --data spec that names local files (an existing path, a glob, or a data file name), not a hub id."""
     return os.path.exists(spec) or any(c in spec for c in "*?[") or spec.endswith((".txt", ".jsonl", ".parquet"))
+
+
+def _is_hub(spec):
+    """A --task-data spec that reads as a hub id (owner/name), not a local file."""
+    return not _is_local(spec) and HUB_ID.fullmatch(spec) is not None
 
 
 def _first_line(e):
@@ -550,8 +560,8 @@ def _empty_reason(split, seen, skipped, seq_len):
                                           if n_skipped else "")
     if seen[split] == 0:
         return (f"none of its {sum(seen.values())} documents was assigned to it (held-out documents are "
-                f"picked by a hash of each row or ~{MAX_DOC_CHARS}-character chunk; a file needs at least 3 "
-                f"of them: give more text)")
+                f"picked by a hash of each row or ~{MAX_DOC_CHARS}-character chunk, cut at line breaks or "
+                f"spaces; a file needs at least 3 of them: give more text)")
     return (f"its {seen[split]} documents hold fewer tokens than one sequence of --seq-len {seq_len} "
             f"(give more text or a smaller --seq-len)")
 
@@ -564,7 +574,7 @@ GSM8K_PROMPT = "Question: {question}\nAnswer:"
 
 def load_gsm8k_rows(source="openai/gsm8k", split="train"):
     """GSM8K rows {question, answer}: a local JSONL file, else the hub dataset (config 'main')."""
-    if _is_local(source) or not HUB_ID.fullmatch(source):
+    if not _is_hub(source):
         return _gsm8k_file(source)
     check_hub_dataset(source, "--task-data")
     from datasets import load_dataset
@@ -608,10 +618,10 @@ def _gsm8k_file(path):
 def check_task_data(source="openai/gsm8k"):
     """Check --task-data before any model loads: a local file is read and checked row by row (GSM8K is
     small), a hub id must be cached or reachable."""
-    if _is_local(source) or not HUB_ID.fullmatch(source):
-        _gsm8k_file(source)
-    else:
+    if _is_hub(source):
         check_hub_dataset(source, "--task-data")
+    else:
+        _gsm8k_file(source)
 
 
 def pack_gsm8k(rows, tokenizer, seq_len, tokens=None, seed=0, held_out=0.05):

@@ -54,10 +54,11 @@ Prompts: generation (GSM8K, IFEval) uses the raw prompt, as the harness and the 
   the model's generation config lists, plus the tokenizer's EOS.
 
 Acc (the paper's average; report.paper_average) = mean of HellaSwag acc_norm, PIQA acc_norm, ARC-E
-  acc_norm, LAMBADA acc and GSM8K strict_match; '-' unless all five are present. acc_norm for the three choice tasks because
-  the harness's length normalisation is what papers report for them (raw acc favours short endings);
-  LAMBADA has one target (no normalisation); GSM8K strict_match because it credits only the model's
-  own '#### N' answer, never a number that happens to end a rambling continuation.
+  acc_norm, LAMBADA acc and GSM8K strict_match; '-' unless all five are present. acc_norm for the three
+  choice tasks because the harness's length normalisation is what papers report for them (raw acc
+  favours short endings); LAMBADA has one target (no normalisation); GSM8K strict_match because it
+  credits only the model's own '#### N' answer, never a number that happens to end a rambling
+  continuation.
 ECE, under explicit names (15 equal-width bins, heldout.expected_calibration_error):
   ece_greedy_word (LAMBADA; the table's 'LAMBADA ECE'): confidence = prod_j max_v q(v | ...) along the
     target, correct = acc: the probability of the model's own greedy completion, scored against

@@ -787,15 +787,17 @@ def write_results(out_dir: str, strict_rows: list, loose_rows: list) -> tuple[st
 
 
 def main(argv=None) -> dict:
-    import argparse
-    ap = argparse.ArgumentParser(description="Score IFEval responses.")
+    from common import ArgumentParser
+    ap = ArgumentParser(prog="ifeval.py", description="Score IFEval responses.")
     ap.add_argument("--inputs", required=True, help="official input_data.jsonl")
     ap.add_argument("--responses", required=True, help="jsonl with prompt, response")
     ap.add_argument("--out", required=True, help="output directory")
     a = ap.parse_args(argv)
-    strict, loose, summary = score_responses(load_inputs(a.inputs),
-                                             load_responses(a.responses))
-    write_results(a.out, strict, loose)
+    try:  # a bad file: one line naming it (the readers' messages name the file and the row)
+        strict, loose, summary = score_responses(load_inputs(a.inputs), load_responses(a.responses))
+        write_results(a.out, strict, loose)
+    except (OSError, ValueError) as e:
+        ap.error(str(e))
     print(json.dumps({k: v for k, v in summary.items() if k != "per_instruction"}))
     return summary
 

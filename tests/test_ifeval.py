@@ -352,3 +352,15 @@ def test_gpt4_sentence_counts_near_thresholds(gpt4_scores):
     got = {i["key"]: ifeval.count_sentences(r["response"])
            for i, r in zip(inputs, strict) if i["key"] in NLTK_SENTENCE_COUNTS}
     assert got == NLTK_SENTENCE_COUNTS
+
+
+def test_cli_bad_file_is_one_line(tmp_path, capsys):
+    inp, resp = tmp_path / "in.jsonl", tmp_path / "r.jsonl"
+    inp.write_text(json.dumps({"key": 1, "prompt": "p", "instruction_id_list": ["punctuation:no_comma"],
+                               "kwargs": [{}]}) + "\n")
+    resp.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(SystemExit) as e:
+        ifeval.main(["--inputs", str(inp), "--responses", str(resp), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("ifeval.py: error: ")
+    assert f"{resp}:1: not UTF-8 text" in err[0]
