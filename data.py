@@ -297,9 +297,9 @@ def check_hub_dataset(repo, flag):
                 from None
         except Exception as e:  # noqa: BLE001 (no network: connection, DNS, timeout, proxy errors)
             why = f"the hub cannot be reached: {type(e).__name__}"
+    local = "JSONL file of question/answer rows" if flag == "--task-data" else ".txt/.jsonl/.parquet file"
     raise UserError(f"{flag} {repo}: not a local file, and not in the local Hugging Face cache ({why}): "
-                    f"give a local .txt/.jsonl/.parquet file, or download it first (hf download {repo} "
-                    f"--repo-type dataset)")
+                    f"give a local {local}, or download it first (hf download {repo} --repo-type dataset)")
 
 
 def sniff(path, n=SNIFF_BYTES):
