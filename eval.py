@@ -94,7 +94,7 @@ from tqdm import tqdm
 import report  # the run's data flags and the paper's averages, read as the tables read them
 from common import (ArgumentParser, UserError, atomic_json, atomic_write, read_json, row_chunks, run_cli,
                     writable_dir_problem)
-from losses import matmul_weight
+from fused_head import matmul_weight
 from heldout import expected_calibration_error, heldout_metrics
 from models import head_weight, load_model, trunk
 

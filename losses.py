@@ -121,15 +121,6 @@ def entropy(logits, temperature=1.0):
     return -(q * torch.where(q > 0, lq, 0.0)).sum(-1)
 
 
-def matmul_weight(W):
-    """W (V, d) cast once to the dtype a matmul under the active autocast uses: fused_head.matmul_weight, for
-    the callers that import it from here."""
-    dev = W.device.type
-    if W.dtype == torch.float32 and torch.is_autocast_enabled(dev):
-        return W.to(torch.get_autocast_dtype(dev))
-    return W
-
-
 @torch.no_grad()
 def chunked_entropy(hidden, lm_head_weight, chunk_size=1024):
     """Entropy of softmax(hidden @ W^T) per position without materialising all logits.
