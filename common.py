@@ -136,6 +136,36 @@ def read_json(path):
                         "truncated; delete it to have it rebuilt") from None
 
 
+def read_jsonl(path, what=""):
+    """The JSON objects of a .jsonl file, one a line (blank lines skipped): the one JSONL reader. A missing
+    file, a binary file, a line that is not JSON or not an object is a one-line UserError naming `what`
+    (the flag or the kind of file), the file and the line."""
+    name = f"{what} {path}".strip()
+    if not os.path.isfile(path):
+        raise UserError(f"{name}: " + ("a directory; give a .jsonl file" if os.path.isdir(path) else "no such file"))
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        if b"\0" in raw:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\0"), raw.index(b"\0") + 1, "NUL byte")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{name}: not UTF-8 text at byte {e.start} (a binary file?); need one JSON object a "
+                        "line") from None
+    rows = []
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: a JSON string may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{name}: line {n} is not JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{name}: line {n} is a JSON {type(row).__name__}, not an object")
+        rows.append(row)
+    return rows
+
+
 def git_hash():
     """The commit of this checkout (recorded in config.json), or 'unknown'."""
     import subprocess

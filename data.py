@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import UserError
+from common import UserError, read_jsonl
 
 MAX_DOC_CHARS = 4000  # long files are cut into documents of about this size, at line boundaries
 SPLIT_PCT = {"val": 3, "test": 3}  # percent of documents (by key hash) held out for each split
@@ -589,27 +589,11 @@ GSM8K_ROW = "JSONL lines {\"question\": str, \"answer\": str}"
 
 def _gsm8k_file(path):
     """The rows of a local GSM8K JSONL file; a UserError naming --task-data, the file and the line."""
-    if not os.path.isfile(path):
-        raise UserError(f"--task-data {path}: " + ("a directory; give a JSONL file" if os.path.isdir(path)
-                                                   else "no such file"))
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"--task-data {path}: not UTF-8 text at byte {e.start} (a binary file?); need "
-                        f"{GSM8K_ROW}") from None
-    rows = []
-    for i, line in enumerate(text.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"--task-data {path}: line {i + 1} is not JSON ({e.msg}); need {GSM8K_ROW}") from None
-        if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("question", "answer"))):
-            raise UserError(f"--task-data {path}: line {i + 1} is not an object with string fields 'question' "
-                            f"and 'answer'; need {GSM8K_ROW}")
-        rows.append(row)
+    rows = read_jsonl(path, "--task-data")
+    for i, row in enumerate(rows, 1):
+        if not all(isinstance(row.get(k), str) for k in ("question", "answer")):
+            raise UserError(f"--task-data {path}: row {i} needs string fields 'question' and 'answer'; need "
+                            f"{GSM8K_ROW}")
     if not rows:
         raise UserError(f"--task-data {path}: no examples; need {GSM8K_ROW}")
     return rows

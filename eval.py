@@ -92,7 +92,7 @@ import torch
 from tqdm import tqdm
 
 import report  # the run's data flags and the paper's averages, read as the tables read them
-from common import (ArgumentParser, UserError, atomic_json, atomic_write, read_json, row_chunks, run_cli,
+from common import (ArgumentParser, UserError, atomic_json, atomic_write, read_json, read_jsonl, row_chunks, run_cli,
                     writable_dir_problem)
 from fused_head import matmul_weight
 from heldout import expected_calibration_error, heldout_metrics
@@ -107,26 +107,6 @@ GSM8K_SHOT_POOL = 8  # the first rows of GSM8K train: shots only, never a valida
 
 def write_jsonl(path, rows):
     atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def read_jsonl(path):
-    if not os.path.isfile(path):
-        raise UserError(f"data file not found: {path}")
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text (a binary file?); need one JSON object a line") from None
-    if not all(isinstance(r, dict) for r in rows):
-        raise UserError(f"{path}: line {next(i for i, r in enumerate(rows, 1) if not isinstance(r, dict))} of "
-                        f"its JSON lines is not an object")
-    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -538,7 +518,7 @@ def _ifeval_read(load, path, flag):
     naming `flag` too."""
     try:
         return load(path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, UserError) as e:
         raise UserError(f"{flag}: {e}") from None
 
 

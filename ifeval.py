@@ -65,6 +65,8 @@ import os
 import re
 import string
 
+from common import UserError, read_jsonl  # the project's one JSONL reader
+
 # ----------------------------------------------------------------------------
 # Words: the official count_words is nltk.RegexpTokenizer(r"\w+"), i.e. findall.
 # ----------------------------------------------------------------------------
@@ -712,32 +714,9 @@ def summarize(strict_rows: list, loose_rows: list, missing: int = 0) -> dict:
 # I/O
 # ----------------------------------------------------------------------------
 
-def _read_jsonl(path: str, what: str) -> list[dict]:
-    """The JSON objects of a .jsonl file, one a line; errors name the file and the line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    rows = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ValueError(f"{path}:{n}: not UTF-8 text (a binary file?)") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: a JSON {type(row).__name__}, not an object with {what} fields")
-            rows.append(row)
-    return rows
-
-
 def load_inputs(path: str) -> list[dict]:
     """Official input_data.jsonl rows: key, prompt, instruction_id_list, kwargs."""
-    rows = _read_jsonl(path, "IFEval inputs")
+    rows = read_jsonl(path, "IFEval inputs")
     for n, r in enumerate(rows, 1):
         for k, kind in (("prompt", str), ("instruction_id_list", list), ("kwargs", list)):
             if k not in r:
@@ -759,7 +738,7 @@ def load_responses(path: str) -> dict:
     """{prompt: response} from jsonl lines with 'prompt' and 'response'
     (a repeated prompt keeps its last response, as in the official reader)."""
     out = {}
-    for n, r in enumerate(_read_jsonl(path, "IFEval responses"), 1):
+    for n, r in enumerate(read_jsonl(path, "IFEval responses"), 1):
         if "prompt" not in r or "response" not in r:
             raise ValueError(f"{path}: row {n} needs 'prompt' and 'response'")
         if not isinstance(r["prompt"], str) or not isinstance(r["response"], (str, type(None))):
@@ -796,7 +775,7 @@ def main(argv=None) -> dict:
     try:  # a bad file: one line naming it (the readers' messages name the file and the row)
         strict, loose, summary = score_responses(load_inputs(a.inputs), load_responses(a.responses))
         write_results(a.out, strict, loose)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, UserError) as e:
         ap.error(str(e))
     print(json.dumps({k: v for k, v in summary.items() if k != "per_instruction"}))
     return summary

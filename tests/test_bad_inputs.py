@@ -57,10 +57,10 @@ def write(path, content):
 
 GSM8K_ROW = {"question": "What is 2 plus 2?", "answer": "It is 4.\n#### 4"}
 BAD_TASK_DATA = {  # file content -> words of the error
-    "wrong_fields": (json.dumps({"q": "a", "a": "b"}) + "\n", "line 1 is not an object with string fields"),
+    "wrong_fields": (json.dumps({"q": "a", "a": "b"}) + "\n", "row 1 needs string fields"),
     "bad_json": ('{"question": "a", "answer": \n', "line 1 is not JSON"),
     "int_fields": (json.dumps({"question": 1, "answer": 2}) + "\n", "string fields 'question' and 'answer'"),
-    "bare_ints": ("1\n2\n3\n", "line 1 is not an object"),
+    "bare_ints": ("1\n2\n3\n", "line 1 is a JSON int, not an object"),
     "binary": (bytes(range(256)) * 4, "not UTF-8 text"),
     "empty": ("\n\n", "no examples"),
 }
@@ -155,7 +155,7 @@ def test_clean_input_gives_no_warning(tiny_dir, tmp_path, capsys, no_models):
 
 IFEVAL_INPUT = {"key": 1, "prompt": "Say hi", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
 BAD_RESPONSES = {  # content -> words
-    "bad_json": ('{"prompt": \n', "invalid JSON"),
+    "bad_json": ('{"prompt": \n', "line 1 is not JSON"),
     "wrong_fields": (json.dumps({"prompt": "Say hi"}) + "\n", "needs 'prompt' and 'response'"),
     "int_fields": (json.dumps({"prompt": 1, "response": 2}) + "\n", "must be strings"),
     "bare_ints": ("1\n", "not an object"),
@@ -173,7 +173,7 @@ def test_ifeval_responses_errors_name_the_flag_and_file(tmp_path, capsys, no_mod
                "eval.py")
     line = one_line(capsys, code)
     assert line.startswith("eval.py: error: --ifeval-responses") and str(resp) in line
-    assert (BAD_RESPONSES[kind][1] if kind != "missing" else "not found") in line
+    assert (BAD_RESPONSES[kind][1] if kind != "missing" else "no such file") in line
 
 
 def fake_run_dir(tmp_path, **cfg):

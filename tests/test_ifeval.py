@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import ifeval  # noqa: E402
+from common import UserError  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "ifeval"
 
@@ -291,11 +292,11 @@ def test_loaders_and_errors(tmp_path):
     resp = tmp_path / "r.jsonl"
     resp.write_text('{"prompt": "p", "response": "old"}\n{"prompt": "p", "response": "new"}\n')
     assert ifeval.load_responses(str(resp)) == {"p": "new"}
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(UserError, match="nope.jsonl: no such file"):
         ifeval.load_inputs(str(tmp_path / "nope.jsonl"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
-    with pytest.raises(ValueError, match="invalid JSON"):
+    with pytest.raises(UserError, match="line 1 is not JSON"):
         ifeval.load_responses(str(bad))
     bad.write_text(json.dumps({"prompt": "p", "instruction_id_list": ["x:y"], "kwargs": [{}]}))
     with pytest.raises(ValueError, match="unknown instruction id"):
@@ -363,4 +364,4 @@ def test_cli_bad_file_is_one_line(tmp_path, capsys):
         ifeval.main(["--inputs", str(inp), "--responses", str(resp), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("ifeval.py: error: ")
-    assert f"{resp}:1: not UTF-8 text" in err[0]
+    assert f"{resp}: not UTF-8 text at byte 0" in err[0]
