@@ -7,7 +7,7 @@ from the Python standard library (present on every machine), with this project's
 
     python sandbox.py                # build (or reuse) the pair under ~/.cache/nano-sekd/sandbox-v1 (~10 min)
     python train.py --preset sandbox --k 0.2                 # one SE-KD run on the pair (~50 s)
-    python sandbox.py --study        # build, then Tables 2-4 and the budget sweeps, 5 seeds (~54 min)
+    python sandbox.py --study        # build, then study.py: Tables 2-4 and the budget sweeps, 5 seeds (~54 min)
 
 What `build` does (each step skips if its output exists; outputs are written atomically):
   1. corpus: every stdlib .py file goes, by a hash of its path, to `pretrain` (60%), `kd` (35%) or
@@ -20,8 +20,6 @@ What `build` does (each step skips if its output exists; outputs are written ato
      them; train.py --probe reports the accuracy).
 Sizes and budgets are in SCALES; `--scale toy` builds a pair in seconds (the tests use it).
 """
-import argparse
-import glob
 import hashlib
 import json
 import os
@@ -217,53 +215,38 @@ def build(root=None, scale="full", log=print):
     return p
 
 
-# -----------------------------------------------------------------------------
-# the study: the paper's tables on the pair, every run through train.py's --matrix (skip-if-done)
-
-STUDY = ("table2", "table3", "table4", "budget")
-
-
-def study(out_dir="out/sandbox", matrices=STUDY, seeds=None, log=print):
-    """Run each matrix with `train.py --preset sandbox --matrix M` into one out-dir (so a config shared by
-    two tables, e.g. Full KD and k = 1.0, runs once and is copied), then one table per matrix with
-    per-seed paired differences to Full KD (report.py). Rerunning resumes: finished runs are skipped."""
-    import report
-    import study as study_  # here, not at the top: config imports this module, and study imports config
-    for m in matrices:
-        cmd = [sys.executable, os.path.join(HERE, "train.py"), "--preset", "sandbox", "--matrix", m,
-               "--out-dir", out_dir, "--no-save-model"] + (["--seeds", seeds] if seeds else [])
-        log("$ " + " ".join(cmd[1:]))
-        res = subprocess.run(cmd, cwd=HERE)
-        if res.returncode != 0:
-            raise common.UserError(f"sandbox --study: train.py --matrix {m} failed (exit {res.returncode})")
-    base = sorted(glob.glob(os.path.join(out_dir, "full_kd", "seed*")))
-    for m in matrices:
-        names = [name for name, _ in study_.MATRICES[m]]
-        dirs = base + [d for name in names if name != "full_kd"
-                       for d in sorted(glob.glob(os.path.join(out_dir, name, "seed*")))]
-        report.main(["--compare", *dirs, "--compare-baseline", "full_kd",
-                     "--compare-out", os.path.join(out_dir, f"{m}_vs_full_kd.md")])
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="sandbox.py", description=__doc__.split("\n\n")[0])
+    ap = common.ArgumentParser(prog="sandbox.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", help="where the pair is built (default ~/.cache/nano-sekd/sandbox-v1, "
                                    "or $NANO_SEKD_HOME/sandbox-v1)")
     ap.add_argument("--scale", choices=SCALES, default="full", help="toy: a pair in seconds, for tests")
-    ap.add_argument("--study", action="store_true", help="then run Tables 2-4 and the budget sweeps (5 seeds)")
+    ap.add_argument("--study", action="store_true", help="then run Tables 2-4 and the budget sweeps (study.py)")
     ap.add_argument("--study-dir", default="out/sandbox", help="--study: where the runs and tables go")
-    ap.add_argument("--matrices", default=",".join(STUDY), help="--study: which matrices, comma-separated")
+    ap.add_argument("--matrices", help="--study: which matrices, comma-separated (default: study.py's)")
     ap.add_argument("--seeds", help="--study: seeds (default: the sandbox preset's 0-4)")
     args = ap.parse_args(argv)
+    common.run_cli(lambda: build_then_study(args), "sandbox.py")
+
+
+def build_then_study(args):
+    root = args.root or default_root()
+    if args.study and args.root:
+        raise common.UserError("--study runs the preset's pair (the default --root); build it there")
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise common.UserError(f"--root {root} is a file; give a directory")
     try:
-        build(args.root, args.scale)
-        if args.study:
-            if args.root:
-                raise common.UserError("--study runs the preset's pair (the default --root); build it there")
-            study(args.study_dir, args.matrices.split(","), args.seeds)
-    except common.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        build(root, args.scale)
+    except OSError as e:  # a read-only or full disk: the pair cannot be built there
+        if not os.path.abspath(str(e.filename or root)).startswith(os.path.abspath(root)):
+            raise
+        raise common.UserError(f"--root {root}: cannot build the pair there ({e.strerror or e}: "
+                               f"{e.filename or root})") from None
+    if args.study:  # study.py's CLI: this module stays below config.py, which reads paths() and is_built()
+        cmd = [sys.executable, os.path.join(HERE, "study.py"), "--out-dir", args.study_dir]
+        cmd += (["--matrices", args.matrices] if args.matrices else []) + (["--seeds", args.seeds] if args.seeds else [])
+        res = subprocess.run(cmd, cwd=HERE)
+        if res.returncode != 0:
+            raise common.UserError(f"--study: study.py failed (exit {res.returncode}); see above")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 runs/*.sh, the multi-run logic lives outside the trainer).
 
     python train.py --matrix table3 --seeds 0,1,2 --out-dir runs/t3 [flags for every run]
+    python study.py [--matrices table2,budget] [--seeds 0,1]   # Tables 2-4 + the sweeps on sandbox.py's pair
 
 train.py hands the parsed flags and its single-run function to `run_matrix`; this module never imports
 train.py. For each (config, seed) it overrides a few flags on a copy of the parsed flags (no argv
@@ -13,7 +14,8 @@ editing), then:
   - shares between runs what does not change their numbers: the loaded teacher and tokenizer, the
     teacher's final hidden states per sequence (TeacherMemo, --teacher-memo-gb) and the untrained
     student's held-out numbers, so the teacher's trunk runs once per sequence for the whole table.
-Finally the table is written with report.py's compare (RUN/table3.md).
+Finally the table is written with report.py's compare (RUN/table3.md). Every run's out-dir goes through
+prepare_out_dir: a finished run's files stay until a new run has results to replace them with.
 """
 import copy
 import glob
@@ -21,7 +23,10 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -89,37 +94,96 @@ def read_config(out_dir):
         return {}
 
 
+STAGE = ".next"  # a run that replaces a finished one writes here; publish() then moves its files over
+RUN_FILES = ("config.json", "metrics.jsonl", "ckpt.pt", "model")  # and summary.json, always last
+
+
 def prepare_out_dir(args, key, log=print):
-    """An out-dir holds one run's consistent files, or is visibly incomplete (config.json, no summary)."""
-    out = args.out_dir
+    """Where this run writes: --out-dir, or its STAGE when it replaces a finished run there (--fresh);
+    None when --resume finds the run finished (nothing to do). A finished run's files are never deleted
+    or rewritten before a new run has results to replace them with (publish)."""
+    out, stage = args.out_dir, os.path.join(args.out_dir, STAGE)
     os.makedirs(out, exist_ok=True)
     common.clean_temp_files(out)  # temp files of a write that a kill interrupted
-    ckpt = os.path.join(out, "ckpt.pt")
-    old = read_config(out)
-    if args.resume and os.path.exists(ckpt):
-        if old.get("config_key") not in (None, key):
-            raise common.UserError(f"--resume: {ckpt} is a run of other flags "
-                                   f"({differing_flags(old, args)}); use another --out-dir or --fresh")
-        return
+    publish(out)  # finish the move of a replacement that a kill interrupted
+    old, done = read_config(out), run_state(out) == "done"
+    other = old.get("config_key") not in (None, key) and f"other flags ({differing_flags(old, args)})"
     if args.resume:
-        log(f"--resume: no checkpoint in {out}, starting fresh")
-    if old and old.get("config_key") != key and not args.fresh:
-        raise common.UserError(f"--out-dir {out} holds a run of other flags ({differing_flags(old, args)}): "
-                               "use another --out-dir, or --fresh to replace it")
-    for name in ("summary.json", "metrics.jsonl", "ckpt.pt", "config.json"):  # stale files of a replaced run
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
-    shutil.rmtree(os.path.join(out, "model"), ignore_errors=True)
+        run_dir = stage if done else out  # a killed replacement resumes in the stage
+        if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+            cfg = read_config(run_dir)
+            if cfg.get("config_key") not in (None, key):
+                raise common.UserError(f"--resume: {run_dir}/ckpt.pt is a run of other flags "
+                                       f"({differing_flags(cfg, args)}); use another --out-dir or --fresh")
+            return run_dir
+        if done and not other:
+            log(f"--resume: the run in {out} already finished (summary.json); nothing to do")
+            return None
+        if not done:
+            log(f"--resume: no checkpoint in {out}, starting fresh")
+    if done and not args.fresh:
+        raise common.UserError(f"--out-dir {out} holds a finished run of {other or 'the same flags'}: pass --fresh "
+                               "to replace it (its files stay until the new run finishes) or use another --out-dir")
+    if other and not args.fresh:
+        raise common.UserError(f"--out-dir {out} holds a run of {other}: use another --out-dir, or --fresh "
+                               "to replace it")
+    shutil.rmtree(stage, ignore_errors=True)  # a replacement that never finished
+    if done:
+        os.makedirs(stage)
+        return stage
+    for name in RUN_FILES + ("summary.json",):  # nothing finished here: the files of an unfinished start
+        remove(os.path.join(out, name))
+    return out
+
+
+def publish(out):
+    """Move a finished run from out/STAGE over out's own files, summary.json last. Idempotent: a kill
+    midway leaves the stage's summary.json, and the next start in `out` finishes the move."""
+    stage = os.path.join(out, STAGE)
+    if not os.path.exists(os.path.join(stage, "summary.json")):
+        return
+    plan = os.path.join(stage, "publish.json")  # the files the new run has, listed before any is moved
+    if not os.path.exists(plan):
+        common.atomic_json(plan, [n for n in RUN_FILES if os.path.exists(os.path.join(stage, n))])
+    new = common.read_json(plan)
+    remove(os.path.join(out, "summary.json"))  # the old run is no longer the finished one
+    for name in RUN_FILES:
+        src, dst = os.path.join(stage, name), os.path.join(out, name)
+        if os.path.exists(src) or name not in new:  # a listed file missing from the stage moved before a kill
+            remove(dst)
+        if os.path.exists(src):
+            os.replace(src, dst)
+    os.replace(os.path.join(stage, "summary.json"), os.path.join(out, "summary.json"))
+    shutil.rmtree(stage)
+
+
+def remove(path):
+    """Remove a file or a directory, if it is there."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
 
 
 # -----------------------------------------------------------------------------
 # sharing between the runs of a matrix
 
-def share(shared, key, make):
-    """What the runs of a matrix share (teacher, tokenizer, memo): made by the first run that needs it."""
-    if key not in shared:
-        shared[key] = make()
-    return shared[key]
+@dataclass
+class Shared:
+    """What the runs of a matrix share, none of it changing their numbers: each dict maps what made a thing
+    (a model path, device, dtype, ...) to it, made by the first run that needs it. A single run has its own."""
+    memo_train_rows: bool = False  # training rows go through the teacher memo too (every run reads them)
+    teachers: dict = field(default_factory=dict)
+    tokenizers: dict = field(default_factory=dict)
+    memos: dict = field(default_factory=dict)  # TeacherMemo per (teacher, device, dtype)
+    before: dict = field(default_factory=dict)  # the untrained student's held-out numbers
+
+
+def share(made, key, make):
+    """made[key], made by make() the first time."""
+    if key not in made:
+        made[key] = make()
+    return made[key]
 
 
 class TeacherMemo:
@@ -172,11 +236,14 @@ def copy_same_run(root, out, name, key):
         print(f"[matrix] {name}: same config as {src}, copying its results")
         with open(os.path.join(src, "summary.json")) as f:
             summary = dict(json.load(f), run_name=name, same_as=src)
+        stage = os.path.join(out, STAGE)  # staged, then published: a stale run in `out` stays until then
+        shutil.rmtree(stage, ignore_errors=True)
         if os.path.exists(os.path.join(src, "metrics.jsonl")):
             with open(os.path.join(src, "metrics.jsonl")) as f:
-                common.atomic_write(os.path.join(out, "metrics.jsonl"), f.read())
-        common.atomic_json(os.path.join(out, "config.json"), dict(cfg, run_name=name, out_dir=out, same_as=src))
-        common.atomic_json(os.path.join(out, "summary.json"), summary)  # last: marks the run done
+                common.atomic_write(os.path.join(stage, "metrics.jsonl"), f.read())
+        common.atomic_json(os.path.join(stage, "config.json"), dict(cfg, run_name=name, out_dir=out, same_as=src))
+        common.atomic_json(os.path.join(stage, "summary.json"), summary)  # last: marks the run done
+        publish(out)
         return True
     return False
 
@@ -224,13 +291,14 @@ def run_matrix(args, run_one, compare=True):
         raise common.UserError(f"--out-dir {args.out_dir} holds runs of other flags ({stale[0]}"
                                f"{f'; and {len(stale) - 1} more' if len(stale) > 1 else ''}): "
                                "use a new --out-dir, or --fresh to rerun them")
-    shared = {"matrix": True}
+    shared = Shared(memo_train_rows=True)  # every run of the matrix reads the same training rows
     for name, seed, out, a in runs:
         if run_state(out) == "done" and read_config(out).get("config_key") == config_key(a):
             print(f"[matrix] {name} seed {seed}: done, skipping")
             continue
-        if args.fresh and run_state(out) != "empty":
-            shutil.rmtree(out)
+        if args.fresh and run_state(out) != "empty":  # replaced once the new run has finished, not before
+            a = copy.copy(a)
+            a.resume, a.fresh = False, True
         if copy_same_run(args.out_dir, out, name, config_key(a)):
             continue
         print(f"[matrix] {name} seed {seed} -> {out}", flush=True)
@@ -239,3 +307,49 @@ def run_matrix(args, run_one, compare=True):
         import report
         dirs = [out for _, _, out, _ in runs]
         report.main(["--compare", *dirs, "--compare-out", os.path.join(args.out_dir, f"{args.matrix}.md")])
+
+
+# -----------------------------------------------------------------------------
+# the sandbox study: the paper's tables on sandbox.py's pair, one matrix after another through train.py
+
+SANDBOX_STUDY = ("table2", "table3", "table4", "budget")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def sandbox_study(out_dir="out/sandbox", matrices=SANDBOX_STUDY, seeds=None, log=print):
+    """Run each matrix with `train.py --preset sandbox --matrix M` into one out-dir (so a config shared by
+    two tables, e.g. Full KD and k = 1.0, runs once and is copied), then one table per matrix with
+    per-seed paired differences to Full KD (report.py). Rerunning resumes: finished runs are skipped."""
+    import report
+    for m in matrices:
+        cmd = [sys.executable, os.path.join(HERE, "train.py"), "--preset", "sandbox", "--matrix", m,
+               "--out-dir", out_dir, "--no-save-model"] + (["--seeds", seeds] if seeds else [])
+        log("$ " + " ".join(cmd[1:]))
+        res = subprocess.run(cmd, cwd=HERE)
+        if res.returncode != 0:
+            raise common.UserError(f"train.py --matrix {m} failed (exit {res.returncode}); see above")
+    base = sorted(glob.glob(os.path.join(out_dir, "full_kd", "seed*")))
+    for m in matrices:
+        names = [name for name, _ in MATRICES[m]]
+        dirs = base + [d for name in names if name != "full_kd"
+                       for d in sorted(glob.glob(os.path.join(out_dir, name, "seed*")))]
+        report.main(["--compare", *dirs, "--compare-baseline", "full_kd",
+                     "--compare-out", os.path.join(out_dir, f"{m}_vs_full_kd.md")])
+
+
+def main(argv=None):
+    ap = common.ArgumentParser(prog="study.py", description="Tables 2-4 and the budget sweeps on the sandbox "
+                               "pair (build it first: python sandbox.py); resumable: finished runs are skipped.")
+    ap.add_argument("--out-dir", default="out/sandbox", help="where the runs and tables go")
+    ap.add_argument("--matrices", default=",".join(SANDBOX_STUDY), help="which matrices, comma-separated")
+    ap.add_argument("--seeds", help="comma-separated seeds (default: the sandbox preset's 0-4)")
+    args = ap.parse_args(argv)
+    matrices = args.matrices.split(",")
+    unknown = [m for m in matrices if m not in MATRICES]
+    if unknown:
+        ap.error(f"--matrices: no matrix {', '.join(unknown)} (there are {', '.join(MATRICES)})")
+    common.run_cli(lambda: sandbox_study(args.out_dir, matrices, args.seeds), "study.py")
+
+
+if __name__ == "__main__":
+    main()

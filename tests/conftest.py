@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random HF models and a tiny byte-level BPE tokenizer, built offline."""
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -73,6 +74,18 @@ def train_args(tiny_dir, out, *extra):
     return ["--teacher", str(tiny_dir / "teacher"), "--student-layers", "0,3", "--data", str(tiny_dir / "corpus"),
             "--seq-len", "32", "--tokens", "1024", "--eval-tokens", "256", "--batch-size", "4", "--lr", "3e-3",
             "--out-dir", str(out), "--log-every", "1", "--entropy-chunk", "16", "--no-save-model", *extra]
+
+
+def killed_run(argv, fn, n, env=None):
+    """`train.main(argv)` in a subprocess that dies like kill -9 (os._exit(17), no cleanup) when train.<fn>
+    is called the n-th time: e.g. ("save_checkpoint", 4) kills after step 4, before its checkpoint;
+    ("train", 1) kills after "before:", as the loop starts. The hook is the test's, not the trainer's."""
+    code = (f"import os, sys, train\nreal, calls = train.{fn}, []\n"
+            f"def hooked(*a, **k):\n    calls.append(1)\n    if len(calls) == {n}:\n"
+            f"        sys.stdout.flush()\n        os._exit(17)\n"
+            f"    return real(*a, **k)\ntrain.{fn} = hooked\ntrain.main({[str(a) for a in argv]!r})\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env=dict(os.environ, **(env or {})))
 
 
 def make_qwen3(tok, layers, hidden=32, seed=0, vocab_size=None):

@@ -1,6 +1,7 @@
 """sandbox.py: the near pair built offline (toy scale, seconds), and train.py's teacher-free --lam 0 mode."""
 import json
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -167,3 +168,57 @@ def test_build_is_deterministic(toy, tmp_path):
     for role in ("teacher", "student"):
         a, b = models.load_model(p[role])[0].state_dict(), models.load_model(q[role])[0].state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), role
+
+
+def test_root_that_is_a_file_is_one_line(tmp_path, capsys):
+    f = tmp_path / "root"
+    f.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        sandbox.main(["--root", str(f), "--scale", "toy"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and f"--root {f}" in err[0]
+
+
+def test_read_only_root_is_one_line(tmp_path, capsys, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.access(ro, os.W_OK):  # root ignores the mode: refuse writes there as a read-only mount would
+        import errno
+        import tempfile
+        real = tempfile.mkstemp
+
+        def read_only(*a, dir=None, **k):
+            if dir and os.path.abspath(dir).startswith(str(ro)):
+                raise PermissionError(errno.EACCES, "Permission denied", dir)
+            return real(*a, dir=dir, **k)
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    try:
+        with pytest.raises(SystemExit) as e:
+            sandbox.main(["--root", str(ro), "--scale", "toy"])
+    finally:
+        ro.chmod(0o755)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and f"--root {ro}" in err[0] and "Permission denied" in err[0]
+
+
+def test_study_flag_hands_over_to_study_py(monkeypatch, tmp_path):
+    """sandbox.py --study builds, then runs study.py's CLI: sandbox.py imports neither study nor config
+    (config imports sandbox), so the imports stay a DAG."""
+    calls = []
+    monkeypatch.setattr(sandbox, "build", lambda root, scale: calls.append(("build", root)))
+    monkeypatch.setattr(sandbox.subprocess, "run", lambda cmd, cwd: calls.append(cmd) or SimpleNamespace(returncode=0))
+    sandbox.main(["--study", "--study-dir", str(tmp_path), "--matrices", "table3", "--seeds", "0,1"])
+    assert calls[0] == ("build", sandbox.default_root())
+    assert calls[1][1:] == [os.path.join(ROOT, "study.py"), "--out-dir", str(tmp_path), "--matrices", "table3",
+                            "--seeds", "0,1"]
+    src = open(os.path.join(ROOT, "sandbox.py")).read()
+    assert not re.search(r"^\s*(import|from)\s+(study|config|train)\b", src, re.M)
+
+
+def test_study_cli_refuses_an_unknown_matrix(tmp_path):
+    res = subprocess.run([sys.executable, "study.py", "--matrices", "table2,tabel3", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(err) == 1 and "tabel3" in err[0] and "--matrices" in err[0]
+    assert not os.listdir(tmp_path)

@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 import config
+import losses
 import selection
 import study
 import train
-from conftest import ROOT, train_args
+from conftest import ROOT, killed_run, train_args
 
 
 def run_inproc(tiny_dir, out, *extra):
@@ -99,7 +100,7 @@ def test_resume_after_kill_equals_uninterrupted(tiny_dir, tmp_path):
     flags = ["--k", "0.3", "--policy", "gls", "--max-steps", "6", "--ckpt-every", "1", "--save-model"]
     r = run_sub(tiny_dir, tmp_path / "full", *flags)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_sub(tiny_dir, tmp_path / "cut", *flags, env={"NANO_SEKD_CRASH_AT": "4"})
+    r = killed_run(train_args(tiny_dir, tmp_path / "cut", *flags), "save_checkpoint", 4)  # after step 4
     assert r.returncode == 17 and not (tmp_path / "cut" / "summary.json").exists()
     r = run_sub(tiny_dir, tmp_path / "cut", *flags, "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -119,6 +120,9 @@ def test_ddp_two_processes_match_single(tiny_dir, tmp_path):
     a = load_file(tmp_path / "ddp" / "model" / "model.safetensors")
     b = load_file(tmp_path / "one" / "model" / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # the gradient the optimizer sees is the mean over ranks, not their sum (clipping and Adam hide a scale)
+    assert metrics(tmp_path / "ddp")[0]["grad_norm"] == pytest.approx(metrics(tmp_path / "one")[0]["grad_norm"],
+                                                                      rel=1e-4)
 
 
 @pytest.mark.parametrize("bad,msg", [(["--k", "0"], "--k must be in"), (["--k", "1.5"], "--k must be in"),
@@ -181,11 +185,11 @@ def test_ddp_cache_build_is_sharded_across_ranks(tiny_dir, tmp_path):
 
 def test_matrix_memo_runs_teacher_once_and_matches_a_plain_run(tiny_dir, tmp_path, capsys):
     flags = ("--k", "0.2", "--pos-metric", "kl", "--max-steps", "3")
-    shared = {"matrix": True}
+    shared = study.Shared(memo_train_rows=True)  # as study.run_matrix makes it
     train.run(config.parse_args(train_args(tiny_dir, tmp_path / "a", *flags)), shared)
     train.run(config.parse_args(train_args(tiny_dir, tmp_path / "b", *flags)), shared)  # teacher, states reused
     assert capsys.readouterr().out.count("loading teacher") == 1
-    memo = next(v for k, v in shared.items() if k[0] == "memo")
+    memo, = shared.memos.values()
     assert len(memo.rows) == 1024 // 32 + 256 // 32  # one entry per train and val row
     a, b = (json.load(open(tmp_path / d / "summary.json")) for d in ("a", "b"))
     assert a["student_after"] == b["student_after"] and a["student_before"] == b["student_before"]
@@ -197,10 +201,10 @@ def test_matrix_memo_runs_teacher_once_and_matches_a_plain_run(tiny_dir, tmp_pat
     assert "teacher_memo_s" not in plain["wall_time_split"]
     # a memo with room for 3 rows keeps 3, stops filling, and the numbers stay the same
     row_gb = memo.bytes / len(memo.rows) / 2 ** 30
-    small = {"matrix": True}
+    small = study.Shared(memo_train_rows=True)
     train.run(config.parse_args(train_args(tiny_dir, tmp_path / "d", *flags, "--teacher-memo-gb", str(3.5 * row_gb))),
               small)
-    rows = next(v for k, v in small.items() if k[0] == "memo").rows
+    rows = next(iter(small.memos.values())).rows
     assert set(rows) <= set(memo.rows) and len(rows) == 3
     assert json.load(open(tmp_path / "d" / "summary.json"))["student_after"] == a["student_after"]
 
@@ -220,3 +224,56 @@ def test_matrices_sharing_an_out_dir_copy_identical_configs(tiny_dir, tmp_path):
     s, s0 = json.load(open(dst / "summary.json")), json.load(open(src / "summary.json"))
     assert s["run_name"] == "top_k_20" and s["same_as"] == str(src) and s["student_after"] == s0["student_after"]
     assert json.load(open(dst / "config.json"))["run_name"] == "top_k_20"
+
+
+# -----------------------------------------------------------------------------
+# the step's own arithmetic: what the optimizer sees
+
+def test_grad_accum_averages_micro_batches(tiny_dir, tmp_path):
+    """Two micro-batches of 2 are one batch of 4 (the same rows, Eq. 4 per micro-batch): the gradient the
+    optimizer sees (its norm before clipping, logged) is the same, not --grad-accum times larger."""
+    flags = ("--k", "1.0", "--max-steps", "1")
+    run_inproc(tiny_dir, tmp_path / "one", *flags, "--batch-size", "4")
+    run_inproc(tiny_dir, tmp_path / "acc", *flags, "--batch-size", "2", "--grad-accum", "2")
+    one, acc = metrics(tmp_path / "one")[0], metrics(tmp_path / "acc")[0]
+    assert acc["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert acc["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+
+
+def test_the_optimizer_sees_clipped_gradients(tiny_dir, tmp_path, monkeypatch):
+    seen = []
+    make = train.make_optimizer
+
+    def recording(r):  # the run's own optimizer, its step wrapped to record the global gradient norm
+        opt = make(r)
+        step = opt.step
+
+        def recorded(*a, **k):
+            grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+            seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+            return step(*a, **k)
+        opt.step = recorded
+        return opt
+    monkeypatch.setattr(train, "make_optimizer", recording)
+    run_inproc(tiny_dir, tmp_path, "--k", "0.5", "--max-steps", "3")
+    logged = [m["grad_norm"] for m in metrics(tmp_path)]
+    assert len(seen) == 3 and all(n > 1.0 for n in logged)  # every step's gradient is large enough to clip
+    assert seen == pytest.approx([min(n, 1.0) for n in logged], rel=1e-4)
+
+
+def test_online_rs_kd_target_is_count_over_u(tiny_dir):
+    """teacher_target's online RS-KD: p~ = count / U of the classes losses.sample_classes draws, per row."""
+    from types import SimpleNamespace
+    g = torch.Generator().manual_seed(0)
+    B, T, d, V, U = 2, 5, 8, 30, 16
+    ht, Wt = torch.randn(B, T, d, generator=g), 3 * torch.randn(V, d, generator=g)  # (B, T, d_t), (V, d_t)
+    sel = torch.rand(B, T, generator=g) < 0.6
+    r = SimpleNamespace(args=SimpleNamespace(lam=1.0, rs_u=U, seed=3, temperature=2.0), tcache=None, Wt=Wt,
+                        s_dev="cpu")
+    sample_ids = torch.tensor([7, 11])
+    target = train.teacher_target(r, ht, sel, sample_ids, chunk=3)  # chunks that do not divide the rows
+    u = losses.rs_uniforms(3, sample_ids, T, U)[sel]  # (N, U)
+    ids, counts = losses.sample_classes(ht[sel] @ Wt.T, u, 2.0)
+    assert torch.equal(target.ids, ids)
+    assert torch.allclose(target.probs, counts.float() / U)
+    assert torch.allclose(target.probs.sum(-1), torch.ones(int(sel.sum())))  # a distribution per row

@@ -1,6 +1,6 @@
-"""The real user's path on CPU stand-ins (issue 15): a padded-vocabulary Qwen3 pair saved with
-save_pretrained, bf16, torchrun with 2 processes, one local data file; and runs a user can trust after a
-kill, a rerun or a typo (issue 18)."""
+"""The real user's path on CPU stand-ins: a padded-vocabulary Qwen3 pair saved with save_pretrained,
+bf16, torchrun with 2 processes, one local data file; and runs a user can trust after a kill, a rerun or
+a typo: a finished run is never lost."""
 import json
 import os
 import subprocess
@@ -17,7 +17,7 @@ import models
 import selection
 import study
 import train
-from conftest import ROOT, train_args
+from conftest import ROOT, killed_run, train_args
 
 
 def qwen_args(q, out, *extra, data="jsonl"):
@@ -40,7 +40,7 @@ def sub(argv, n_proc=None, env=None):
 
 
 # -----------------------------------------------------------------------------
-# bf16: fp32 master weights under autocast (issue 15 item 1)
+# bf16: fp32 master weights under autocast
 
 def test_bf16_updates_every_weight_at_the_papers_lr_and_tracks_fp32(qwen_pair, tmp_path):
     q = qwen_pair
@@ -79,7 +79,7 @@ def test_one_local_file_has_a_heldout_split(qwen_pair, tmp_path, kind):
 
 
 # -----------------------------------------------------------------------------
-# torchrun (issue 15 items 2-3)
+# torchrun
 
 def test_ddp_logs_the_global_loss_and_matches_one_process(tiny_dir, tmp_path):
     flags = ["--k", "0.2", "--max-steps", "3", "--save-model", "--tokens", "2048"]
@@ -89,6 +89,9 @@ def test_ddp_logs_the_global_loss_and_matches_one_process(tiny_dir, tmp_path):
     train.main(train_args(tiny_dir, tmp_path / "one", *flags, "--batch-size", "4"))
     # step 1 sees the same weights and the same 4 sequences: the all-reduced loss equals one process's
     assert losses_of(tmp_path / "ddp")[0] == pytest.approx(losses_of(tmp_path / "one")[0], rel=1e-6)
+    # ... and so does the gradient the optimizer sees: the mean over ranks, not their sum
+    norms = [json.loads(open(tmp_path / d / "metrics.jsonl").readline())["grad_norm"] for d in ("ddp", "one")]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)
     assert json.load(open(tmp_path / "ddp" / "config.json"))["global_batch_seqs"] == 4
     a = load_file(tmp_path / "ddp" / "model" / "model.safetensors")
     b = load_file(tmp_path / "one" / "model" / "model.safetensors")
@@ -107,7 +110,7 @@ def test_ddp_refuses_device_flags(tiny_dir, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# one class sampler: online and cached RS-KD train on the same classes (issue 14)
+# one class sampler: online and cached RS-KD train on the same classes
 
 def test_online_and_cached_rs_kd_draw_the_same_classes(tiny_dir, tmp_path, capsys):
     flags = ("--k", "0.2", "--max-steps", "2", "--rs-u", "16", "--seed", "3")
@@ -125,17 +128,17 @@ def test_cache_dir_default_u_is_stated(tiny_dir, tmp_path, capsys):
 
 
 # -----------------------------------------------------------------------------
-# Eq. 4 in train.py: one step's logged KD loss equals the dense reference (issue 16 item 11)
+# Eq. 4 in train.py: one step's logged KD loss equals the dense reference
 
 def test_logged_kd_of_one_step_equals_the_dense_reference(tiny_dir, tmp_path):
     train.main(train_args(tiny_dir, tmp_path, "--k", "0.2", "--max-steps", "1", "--lr", "0"))
     logged = json.loads(open(tmp_path / "metrics.jsonl").readline())["kd"]
     args = config.parse_args(train_args(tiny_dir, tmp_path / "x", "--k", "0.2"))
-    r = train.setup(args, {})
-    train.load_models(r)
+    r, s = train.setup(args, study.Shared())
+    train.load_models(r, s)
     train.load_data(r)
-    train.open_teacher_cache(r)
-    train.prepare_training(r)
+    train.open_teacher_cache(r, s)
+    train.prepare_training(r, s)
     idx = train.batch_indices(r, 0, 0)
     x, y, valid = (t[idx] for t in (r.train.input_ids, r.train.targets, r.train.valid))
     with torch.no_grad():
@@ -149,11 +152,11 @@ def test_logged_kd_of_one_step_equals_the_dense_reference(tiny_dir, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# runs a user can trust (issue 18)
+# runs a user can trust: a finished run is never lost
 
 def test_resume_with_other_flags_is_refused_naming_them(tiny_dir, tmp_path):
     flags = ["--k", "1.0", "--max-steps", "4", "--ckpt-every", "1"]
-    r = sub(train_args(tiny_dir, tmp_path, *flags), env={"NANO_SEKD_CRASH_AT": "2"})
+    r = killed_run(train_args(tiny_dir, tmp_path, *flags), "save_checkpoint", 2)  # after step 2
     assert r.returncode == 17
     r = sub(train_args(tiny_dir, tmp_path, *flags, "--resume", "--k", "0.2", "--lr", "1e-2"))
     assert r.returncode == 2 and "--k 1.0 -> 0.2" in r.stderr and "--lr" in r.stderr
@@ -164,13 +167,92 @@ def test_resume_with_other_flags_is_refused_naming_them(tiny_dir, tmp_path):
     assert s["tokens_seen"] == 4 * 4 * 32 and len(losses_of(tmp_path)) == 4  # totals over the whole run
 
 
-def test_a_killed_rerun_leaves_the_out_dir_visibly_incomplete(tiny_dir, tmp_path):
+def finished(tiny_dir, out, *flags):
+    """A finished run in `out`: the bytes and mtimes of its files."""
+    train.main(train_args(tiny_dir, out, *flags))
+    assert study.run_state(str(out)) == "done"
+    return files_of(out)
+
+
+def files_of(out):
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def test_the_same_command_again_is_refused_and_the_run_kept(tiny_dir, tmp_path, capsys):
     flags = ["--max-steps", "2", "--ckpt-every", "1"]
-    train.main(train_args(tiny_dir, tmp_path, *flags))
-    assert study.run_state(str(tmp_path)) == "done"
-    r = sub(train_args(tiny_dir, tmp_path, *flags), env={"NANO_SEKD_CRASH_AT": "1"})
-    assert r.returncode == 17
-    assert study.run_state(str(tmp_path)) == "incomplete" and not (tmp_path / "summary.json").exists()
+    before = finished(tiny_dir, tmp_path, *flags)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(train_args(tiny_dir, tmp_path, *flags))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "finished run" in err[0]
+    assert "--fresh" in err[0] and "another --out-dir" in err[0]
+    assert files_of(tmp_path) == before  # untouched, not even rewritten
+
+
+def test_resume_of_a_finished_run_has_nothing_to_do(tiny_dir, tmp_path, capsys):
+    before = finished(tiny_dir, tmp_path, "--max-steps", "2")
+    capsys.readouterr()
+    train.main(train_args(tiny_dir, tmp_path, "--max-steps", "2", "--resume"))  # returns: exit 0
+    assert "already finished" in capsys.readouterr().out and files_of(tmp_path) == before
+    with pytest.raises(SystemExit) as e:  # --resume with other flags: refused, naming them
+        train.main(train_args(tiny_dir, tmp_path, "--max-steps", "3", "--resume"))
+    assert e.value.code == 2 and "--max-steps 2 -> 3" in capsys.readouterr().err
+    assert files_of(tmp_path) == before
+
+
+def test_fresh_keeps_the_finished_run_until_the_new_one_finishes(tiny_dir, tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text("".join(open(p).read() for p in sorted((tiny_dir / "corpus").glob("*.txt"))))
+    out = tmp_path / "out"
+    flags = ["--data", str(data), "--max-steps", "2", "--ckpt-every", "1"]
+    before = finished(tiny_dir, out, *flags, "--save-model")
+    # killed after "before:": the old run's files stay, and the out-dir still reads as finished
+    r = killed_run(train_args(tiny_dir, out, *flags, "--fresh"), "train", 1)
+    assert r.returncode == 17 and "before:" in r.stdout
+    assert files_of(out) == before and study.run_state(str(out)) == "done"
+    # the same command after its --data file was emptied: a clean error, the run still there
+    data.write_text("")
+    for extra in ([], ["--fresh"]):
+        r = subprocess.run([sys.executable, "train.py", *train_args(tiny_dir, out, *flags, *extra)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert files_of(out) == before and (out / "model" / "config.json").exists()
+    # --fresh that finishes: its files replace the old ones, the old model/ goes (--no-save-model)
+    data.write_text("".join(open(p).read() for p in sorted((tiny_dir / "corpus").glob("*.txt"))))
+    train.main(train_args(tiny_dir, out, "--data", str(data), "--max-steps", "3", "--fresh"))
+    s = json.load(open(out / "summary.json"))
+    assert s["steps"] == 3 and len(losses_of(out)) == 3 and study.run_state(str(out)) == "done"
+    assert not (out / "model").exists() and not (out / study.STAGE).exists()
+    assert json.load(open(out / "config.json"))["max_steps"] == 3
+
+
+def test_a_move_cut_short_is_finished_by_the_next_start(tmp_path, monkeypatch):
+    """publish() moves a replacing run's files over the old ones; a kill midway never leaves a mix that
+    reads as finished, and the next start in the out-dir completes the move."""
+    stage = tmp_path / study.STAGE
+    for d, tag in ((tmp_path, "old"), (stage, "new")):
+        d.mkdir(exist_ok=True)
+        for name in ("config.json", "metrics.jsonl", "summary.json"):
+            (d / name).write_text(json.dumps({"config_key": tag}))
+    (tmp_path / "model").mkdir()  # the old run saved a model, the new one did not
+    real, moves = os.replace, []
+
+    def killed(src, dst):
+        if len(moves) == 2:
+            raise KeyboardInterrupt  # a kill after the move list and the first file
+        moves.append(src)
+        real(src, dst)
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        study.publish(str(tmp_path))
+    monkeypatch.setattr(os, "replace", real)
+    assert study.run_state(str(tmp_path)) != "done"  # half old, half new: not finished
+    with pytest.raises(common.UserError, match="holds a finished run"):  # completes the move, then refuses
+        study.prepare_out_dir(config.parse_args(["--out-dir", str(tmp_path)]), "another key")
+    assert {p.name: json.loads(p.read_text()) for p in tmp_path.iterdir() if p.is_file()} == \
+        {n: {"config_key": "new"} for n in ("config.json", "metrics.jsonl", "summary.json")}
+    assert not (tmp_path / "model").exists() and not stage.exists()
 
 
 def test_start_cleans_temp_files_of_killed_writes(tiny_dir, tmp_path):
