@@ -7,6 +7,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import tempfile
 
 
@@ -164,6 +165,40 @@ def read_jsonl(path, what=""):
             raise UserError(f"{name}: line {n} is a JSON {type(row).__name__}, not an object")
         rows.append(row)
     return rows
+
+
+HUB_ID = re.compile(r"\w[\w.-]*(/\w[\w.-]*)?")  # [owner/]name on the Hugging Face hub
+
+
+def hub_source(repo_id, flag, repo_type="model", cached=False, local="a local path"):
+    """Where the hub repo `repo_id` can be read from now: "hub" when the hub answers, "cache" when only this
+    machine's Hugging Face cache has it (`cached`). Otherwise a one-line UserError naming `flag` and what
+    to do, after one quick query (not a minute of retries): the one check for hub models and datasets."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    env = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if repo_type == "dataset" else ("HF_HUB_OFFLINE",)
+    offline = constants.HF_HUB_OFFLINE or any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                                              for v in env)
+    why = "offline mode is set"
+    if not offline:
+        try:
+            HfApi().repo_info(repo_id, repo_type=repo_type, timeout=5)
+            return "hub"
+        except GatedRepoError:
+            if not cached:
+                raise UserError(f"{flag} {repo_id}: a gated {repo_type}: log in (hf auth login) and accept its "
+                                "terms on huggingface.co first") from None
+        except RepositoryNotFoundError:
+            if not cached:
+                raise UserError(f"{flag} {repo_id}: no such {repo_type} on the Hugging Face hub (nor {local})") \
+                    from None
+        except Exception as e:  # noqa: BLE001 (no network: connection, DNS, timeout, proxy errors)
+            why = f"the hub cannot be reached: {type(e).__name__}"
+    if cached:
+        return "cache"
+    get = f"hf download {repo_id}" + (" --repo-type dataset" if repo_type == "dataset" else "")
+    raise UserError(f"{flag} {repo_id}: not {local}, and not in the local Hugging Face cache ({why}): give "
+                    f"{local}, or download it first ({get}) on a machine with network, then set HF_HUB_OFFLINE=1")
 
 
 def git_hash():

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import UserError, read_jsonl
+from common import HUB_ID, UserError, hub_source, read_jsonl
 
 MAX_DOC_CHARS = 4000  # long files are cut into documents of about this size, at line boundaries
 SPLIT_PCT = {"val": 3, "test": 3}  # percent of documents (by key hash) held out for each split
@@ -258,7 +258,6 @@ def _first_line(e):
 # -----------------------------------------------------------------------------
 # checks before any model loads: the source exists, has the field, looks like text
 
-HUB_ID = re.compile(r"\w[\w.-]*(/\w[\w.-]*)?")  # [owner/]name
 CHECK_FILES = 64  # files of a --data directory or glob checked up front (the load checks every one)
 SNIFF_BYTES = 1 << 16
 
@@ -278,28 +277,10 @@ def check_hub_dataset(repo, flag):
     (instead of a ConnectionError from `datasets` after the models load)."""
     if not HUB_ID.fullmatch(repo):
         raise UserError(f"{flag} {repo}: no such file or directory (nor a hub dataset id)")
-    from huggingface_hub import constants, dataset_info
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-    if _hub_dataset_cached(repo):
-        return
-    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")) or constants.HF_HUB_OFFLINE
-    why = "offline mode is set"
-    if not offline:
-        try:
-            dataset_info(repo, timeout=5)
-            return
-        except GatedRepoError:
-            raise UserError(f"{flag} {repo}: a gated dataset: log in (hf auth login) and accept its terms on "
-                            f"huggingface.co first") from None
-        except RepositoryNotFoundError:
-            raise UserError(f"{flag} {repo}: no such local file, and no such dataset on the Hugging Face hub")\
-                from None
-        except Exception as e:  # noqa: BLE001 (no network: connection, DNS, timeout, proxy errors)
-            why = f"the hub cannot be reached: {type(e).__name__}"
-    local = "JSONL file of question/answer rows" if flag == "--task-data" else ".txt/.jsonl/.parquet file"
-    raise UserError(f"{flag} {repo}: not a local file, and not in the local Hugging Face cache ({why}): "
-                    f"give a local {local}, or download it first (hf download {repo} --repo-type dataset)")
+    if not _hub_dataset_cached(repo):  # a cached dataset is read without asking the hub
+        local = "a local JSONL file of question/answer rows" if flag == "--task-data" else \
+            "a local .txt/.jsonl/.parquet file"
+        hub_source(repo, flag, "dataset", local=local)
 
 
 def sniff(path, n=SNIFF_BYTES):

@@ -35,7 +35,7 @@ import struct
 
 import torch
 
-from common import UserError
+from common import HUB_ID, UserError, hub_source
 
 DEFAULT_TEACHER = "smollm2"
 
@@ -74,7 +74,6 @@ def _resolve(spec, flag="--teacher"):
     return spec, None, _hub_local_only(spec, flag)
 
 
-HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 GGUF_MAGIC = b"GGUF"  # the first 4 bytes of every GGUF file
 # what the GGUF readers raise on a file cut short or corrupt past its magic (a short read, a tensor
 # that does not fit the bytes left, an unmappable file, a missing metadata key)
@@ -117,35 +116,10 @@ def _parsing(spec, flag, gguf):
 
 
 def _hub_local_only(repo_id, flag):
-    """For a hub id: True to load it from the local cache only, False to download it; a UserError at once
-    (no minute of retries) when it is neither cached nor reachable."""
-    from huggingface_hub import constants, model_info, try_to_load_from_cache
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    """For a hub id: True to load it from the local cache only, False to download it (common.hub_source)."""
+    from huggingface_hub import try_to_load_from_cache
     cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or constants.HF_HUB_OFFLINE:
-        if not cached:
-            raise UserError(f"{flag} {repo_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is "
-                            f"set: download it first (hf download {repo_id}) or give a local directory")
-        return True
-    try:
-        model_info(repo_id, timeout=5)
-        return False
-    except GatedRepoError:
-        if cached:
-            return True
-        raise UserError(f"{flag} {repo_id}: a gated model: log in (hf auth login) and accept its license "
-                        f"on huggingface.co first") from None
-    except RepositoryNotFoundError:
-        if cached:
-            return True
-        raise UserError(f"{flag} {repo_id}: no such model on the Hugging Face hub (nor a local path)") \
-            from None
-    except Exception as e:  # noqa: BLE001 (no network: connection, DNS, timeout, proxy errors)
-        if cached:
-            return True
-        raise UserError(f"{flag} {repo_id}: not in the local Hugging Face cache and the hub cannot be "
-                        f"reached ({type(e).__name__}): download it first (hf download {repo_id}) on a "
-                        f"machine with network, then set HF_HUB_OFFLINE=1") from None
+    return hub_source(repo_id, flag, "model", cached, local="a local model directory or .gguf file") == "cache"
 
 
 def _gguf_memo(load):

@@ -77,9 +77,10 @@ def test_task_data_errors_name_the_flag_and_file(tiny_dir, tmp_path, capsys, no_
 
 
 @pytest.mark.parametrize("extra,words", [
-    (["--data", "HuggingFaceFW/fineweb-edu"], "--data HuggingFaceFW/fineweb-edu: not a local file, and not in "
-                                              "the local Hugging Face cache"),
-    (["--task", "gsm8k"], "--task-data openai/gsm8k: not a local file, and not in the local Hugging Face cache"),
+    (["--data", "HuggingFaceFW/fineweb-edu"], "--data HuggingFaceFW/fineweb-edu: not a local .txt/.jsonl/.parquet "
+                                              "file, and not in the local Hugging Face cache"),
+    (["--task", "gsm8k"], "--task-data openai/gsm8k: not a local JSONL file of question/answer rows, and not in "
+                            "the local Hugging Face cache"),
     (["--task", "gsm8k", "--task-data", "nowhere.jsonl"], "--task-data nowhere.jsonl: no such file"),
     (["--data", "nowhere.txt"], "--data nowhere.txt: no such file"),
     (["--data", "{tmp}/rows.jsonl", "--text-field", "body"], "has no field 'body' (set --text-field)"),

@@ -210,14 +210,15 @@ def test_hub_id_unreachable_is_fast_and_names_the_fix(monkeypatch):
     import time
     fake = "nano-sekd-tests/no-such-model-3f9a"  # never cached, never on the hub
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match=f"^--teacher {fake}: not in the local Hugging Face cache and "
-                                        f"HF_HUB_OFFLINE is set: download it first"):
+    with pytest.raises(UserError, match=f"^--teacher {fake}: not a local model directory or .gguf file, and not "
+                                        r"in the local Hugging Face cache \(offline mode is set\): give"):
         models.load_model(fake)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     t0 = time.time()
     either = ("no such model on the Hugging Face hub|"
-              "not in the local Hugging Face cache and the hub cannot be reached .*HF_HUB_OFFLINE=1")
+              r"not a local model directory or .gguf file, and not in the local Hugging Face cache \(the hub "
+              r"cannot be reached.*HF_HUB_OFFLINE=1")
     with pytest.raises(UserError, match=f"^--student {fake}: ({either})"):
         models.load_model(fake, flag="--student")
     assert time.time() - t0 < 15  # one quick check, not a minute of retries
