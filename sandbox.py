@@ -69,8 +69,8 @@ def write_corpus(root, max_files=None):
     """{part: path of its .jsonl}, in sorted path order (deterministic). The parts are disjoint by file.
     pretrain and probe: one row per file. kd: one row per ~4,000-character chunk (data._chunks), so that
     data.py's row-level split and shuffle mix many files in the KD training stream and in its held-out
-    split; with a row per file, 500k training tokens came from a few dozen files and held-out KL rose
-    under Full KD (measured: 0.51 -> 0.59 nats in 100 steps) as the student drifted to them."""
+    split; with a row per file, the training tokens would come from a few dozen files, and held-out KL
+    would rise under Full KD as the student drifted to them."""
     base, files = data.stdlib_files()
     rows = {name: [] for name, _ in PARTS}
     for p in files:

@@ -46,7 +46,9 @@ class Run:
     master: bool  # rank 0: the only one that writes files and logs
     t_dev: str
     s_dev: str
-    bf16: bool  # the teacher in bf16; the student under bf16 autocast over fp32 master weights
+    # bf16: the teacher in bf16, the student under bf16 autocast over fp32 master weights (its small updates,
+    # lr 1e-5, would round away in bf16 weights)
+    bf16: bool
     t_dtype: torch.dtype
     precision_why: str
     config_key: str  # the flags that change the numbers (study.config_key)
@@ -93,8 +95,6 @@ class Progress:
 
 def setup(args, shared):
     ddp, rank, world, t_dev, s_dev = system.run_devices(args.teacher_device, args.student_device)
-    # bf16: the teacher's weights in bf16; the student keeps fp32 master weights and runs under bf16
-    # autocast, so small updates (lr 1e-5) are not rounded away as they would be in bf16 weights
     # auto: bf16 on a GPU, and on a CPU only where bf16 GEMMs are clearly faster (bf16 matrix units)
     bf16, why = (args.dtype == "bf16", "--dtype " + args.dtype) if args.dtype != "auto" else system.auto_bf16(s_dev)
     r = Run(args, shared, ddp, rank, world, rank == 0, t_dev, s_dev, bf16, torch.bfloat16 if bf16 else torch.float32,
@@ -187,9 +187,9 @@ def load_data(r):
         raise common.UserError(f"--data {args.data or 'stdlib'}: no position to supervise (every target "
                                "follows an end-of-text token); nothing would train")
     r.n_train_all = len(r.train)
-    if args.probe:  # config.check made sure the file exists
-        rows = eval_.read_jsonl(args.probe)
-        if not all(isinstance(row, dict) and isinstance(row.get("text"), str) for row in rows):
+    if args.probe:  # LAMBADA-style rows {"text": context + " " + the word to predict}
+        rows = common.read_jsonl(args.probe, "--probe")
+        if not all(isinstance(row.get("text"), str) for row in rows):
             raise common.UserError(f"--probe {args.probe}: every row needs a string field 'text'")
         r.probe = [eval_.lambada_example(row) for row in rows]
         if not r.probe:

@@ -64,7 +64,7 @@ def test_bf16_updates_every_weight_at_the_papers_lr_and_tracks_fp32(qwen_pair, t
 
 
 def test_padded_vocab_on_policy_never_emits_padding_ids(qwen_pair, tmp_path):
-    # before: generation sampled ids in [len(tok), padded) and crashed at step 2
+    # generation must never sample an id in [len(tok), padded): the head's padding rows are no tokens
     train.main(qwen_args(qwen_pair, tmp_path, "--on-policy", "--gen-prompt-len", "8", "--gen-tokens", "16",
                          "--max-steps", "3", "--lr", "1e-3", "--dtype", "bf16"))
     s = json.load(open(tmp_path / "summary.json"))
