@@ -227,6 +227,17 @@ def test_fresh_keeps_the_finished_run_until_the_new_one_finishes(tiny_dir, tmp_p
     assert json.load(open(out / "config.json"))["max_steps"] == 3
 
 
+def test_a_killed_replacement_resumes_and_then_replaces(tiny_dir, tmp_path):
+    flags = ["--max-steps", "3", "--ckpt-every", "1"]
+    before = finished(tiny_dir, tmp_path, "--max-steps", "2")
+    r = killed_run(train_args(tiny_dir, tmp_path, *flags, "--fresh"), "save_checkpoint", 2)  # after step 2
+    assert r.returncode == 17 and files_of(tmp_path) == before
+    train.main(train_args(tiny_dir, tmp_path, *flags, "--resume"))  # continues the replacement, not the old run
+    s = json.load(open(tmp_path / "summary.json"))
+    assert s["steps"] == 3 and s["tokens_seen"] == 3 * 4 * 32 and len(losses_of(tmp_path)) == 3
+    assert not (tmp_path / study.STAGE).exists() and study.run_state(str(tmp_path)) == "done"
+
+
 def test_a_move_cut_short_is_finished_by_the_next_start(tmp_path, monkeypatch):
     """publish() moves a replacing run's files over the old ones; a kill midway never leaves a mix that
     reads as finished, and the next start in the out-dir completes the move."""
