@@ -3,6 +3,7 @@
     python eval.py RUN_DIR --suite paper              # HellaSwag, PIQA, ARC-E, LAMBADA, GSM8K, IFEval
     python eval.py RUN_DIR --suite paper --split validation   # the selection split (no LAMBADA/IFEval)
     python eval.py RUN_DIR --suite lm                 # held-out loss / PPL / KL / top-1 / ECE
+    python eval.py RUN_DIR --suite sandbox            # the sandbox's downstream suite (suite.py), suite acc
     python eval.py Qwen/Qwen3-1.7B --suite paper --out out/qwen
     python eval.py RUN_DIR --suite paper --backend lm-eval    # the same tasks through lm-evaluation-harness
     python eval.py --ifeval-responses responses.jsonl --out DIR
@@ -74,6 +75,10 @@ Harness route: RUN/model is a save_pretrained folder, so lm-evaluation-harness s
   Python (pip install lm-eval; optional, never needed offline) and stores the numbers in eval.json under
   the names above.
 
+The sandbox suite (--suite sandbox; suite.py says what each task is): examples built from the sandbox's
+held-out stdlib files (~/.cache/nano-sekd/sandbox-v1, or $NANO_SEKD_HOME/sandbox-v1), its own validation
+and test parts, scored by score_multiple_choice or score_lambada above; suite acc = suite.suite_acc.
+
 Data: `--data-dir DIR` reads DIR/<task>/<hub split>.jsonl in the hub dataset's schema (Rowan/hellaswag,
 ybisk/piqa, allenai/ai2_arc ARC-Easy, EleutherAI/lambada_openai, openai/gsm8k main, google/IFEval
 'input_data'); GSM8K and IFEval fall back to ../shared/data/ when present, everything else to the hub.
@@ -92,6 +97,7 @@ import torch
 from tqdm import tqdm
 
 import report  # the run's data flags and the paper's averages, read as the tables read them
+import suite  # the sandbox's downstream tasks
 from common import (ArgumentParser, UserError, atomic_json, atomic_write, read_json, read_jsonl, row_chunks, run_cli,
                     writable_dir_problem)
 from fused_head import matmul_weight
@@ -638,6 +644,8 @@ def load_inputs(tasks, split="test", data_dir=None, limit=None, ifeval_inputs=No
                 load_docs("ifeval", split)  # raises the --split error
             rows = read_jsonl(ifeval_inputs_path(ifeval_inputs, data_dir, _ifeval_dir(out_dir, split)))
             inputs[task] = rows[:limit] if limit else rows
+        elif task in suite.TASKS:  # built from the sandbox's held-out files, never the hub
+            inputs[task] = suite.examples(task, split, limit=limit)
         else:
             inputs[task] = [EXAMPLES[task](d) for d in load_docs(task, split, data_dir, limit)]
     shots = []
@@ -824,6 +832,8 @@ def main(argv=None):
     average = report.paper_average(results)
     if average is not None:
         print(f"Acc (paper average) = {average:.4f}")
+    if suite.suite_acc(results) is not None:
+        print(f"suite acc (sandbox suite average) = {suite.suite_acc(results):.4f}")
     return results
 
 
@@ -840,6 +850,7 @@ SPLITS = {
     "gsm8k": {"validation": ("train", GSM8K_SHOT_POOL), "test": ("test", 0)},
     "lambada": {"test": ("test", 0)},
     "ifeval": {"test": ("train", 0)},
+    **{task: {"validation": ("validation", 0), "test": ("test", 0)} for task in suite.TASKS},  # suite.py's parts
 }
 
 HUB = {  # (repo id, config) tried in order
@@ -865,11 +876,14 @@ SCORERS = {
     "arc_easy": score_multiple_choice,
     "lambada": score_lambada,
     "gsm8k": score_gsm8k,
+    **{task: score_lambada if spec["kind"] == "last_word" else score_multiple_choice
+       for task, spec in suite.TASKS.items()},
 }
 
 SUITES = {
     "paper": ["hellaswag", "piqa", "arc_easy", "lambada", "gsm8k", "ifeval"],
     "lm": ["lm"],
+    "sandbox": list(suite.SUITE),
     "all": ["lm", "hellaswag", "piqa", "arc_easy", "lambada", "gsm8k", "ifeval"],
 }
 

@@ -23,6 +23,7 @@ seed). Columns, left out when no row has them:
   KL est. (RS cache)     the RS-KD estimate of a --cache-dir run (cached sampled targets): it exceeds
                          the true KL by a constant of the cache, so it is never shown as KL(p‖q)
   Acc                    paper_average: the paper's Acc (defined in eval.py's doc)
+  suite acc              the sandbox suite's average (suite.suite_acc of eval.py --suite sandbox)
   LAMBADA PPL / ECE      the paper's PPL and ECE columns (eval.json), not the held-out text numbers
   ECE choices            choice_ece_average: 15-bin ECE of the softmax over answer choices,
                          averaged over ARC-E, HellaSwag and PIQA (the authors' evaluation code)
@@ -30,7 +31,7 @@ seed). Columns, left out when no row has them:
   IFEval S / L           prompt-level strict / loose accuracy
   sup. pos / samples, wall (s), train (s), mem S / T (GiB)   from summary.json
 With --compare-baseline NAME (e.g. Full KD), a Δ column follows each of held-out loss, KL(p‖q),
-KL est., top-1 agree and probe acc: the per-seed difference run − baseline (same seed = same data and
+KL est., top-1 agree, probe acc and suite acc: the per-seed difference run − baseline (same seed = same data and
 held-out split, so the split-to-split spread cancels), shown as the mean over the n paired seeds and a
 two-sided 95% Student-t confidence interval, mean ± t(0.975, n−1)·sd/√n with sd the sample std of the
 differences:  +0.0123 [+0.0050, +0.0196] *.  A trailing * marks a called difference: the interval
@@ -61,6 +62,7 @@ import statistics
 import sys
 
 from common import ArgumentParser, UserError, run_cli, atomic_write, read_json
+from suite import suite_acc
 
 # -----------------------------------------------------------------------------
 # reading runs
@@ -316,7 +318,7 @@ def reference_rows(runs, log=None):
 
 
 # columns that get a Δ vs the baseline: the quality numbers two runs of one seed can be paired on
-PAIRED = ("held-out loss", "KL(p‖q)", "KL est. (RS cache)", "top-1 agree", "probe acc")
+PAIRED = ("held-out loss", "KL(p‖q)", "KL est. (RS cache)", "top-1 agree", "probe acc", "suite acc")
 
 
 def paired_columns(groups, baseline):
@@ -663,6 +665,7 @@ COLUMNS = [  # (header, format, row -> value or None); row = load_run() or a ref
     ("held-out ECE", ".4f", lambda r: r["heldout"].get("ece")),
     ("probe acc", ".4f", lambda r: r["heldout"].get("probe_acc")),  # a fraction, train.py --probe
     ("Acc", ".4f", lambda r: paper_average(r["eval"])),
+    ("suite acc", ".4f", lambda r: suite_acc(r["eval"])),  # the sandbox suite's average (suite.py)
     ("LAMBADA PPL", ".2f", lambda r: _get(r["eval"], "lambada", "ppl")),
     ("LAMBADA ECE", ".4f", lambda r: _get(r["eval"], "lambada", "ece_greedy_word")
      if _get(r["eval"], "lambada", "ece_greedy_word") is not None else _get(r["eval"], "lambada", "ece")),
