@@ -417,7 +417,7 @@ def format_acceptance(verdicts):
     for v in verdicts:
         ppl = "-"
         if "teacher_ppl" in v:
-            ppl = f"{v['teacher_ppl']:.4g} / {v['student_ppl']:.4g} / " + (f"{v['kd_ppl']:.4g}" if "kd_ppl" in v else "-")
+            ppl = " / ".join(f"{v[k]:.4g}" if k in v else "-" for k in ("teacher_ppl", "student_ppl", "kd_ppl"))
         move = "-" if v["kd_move"] is None else _pm(v["kd_move"])
         lines.append(f"| {v['task']} | {v['metric']} | {v['n']} | {pct(v['teacher'])} | {pct(v['student'])} "
                      f"| {_pm(v['gap'])} | {yes[v['gap_ok']]} | {yes[v['ceiling_ok']]} | {pct(v['kd'])} | {move} "
