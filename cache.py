@@ -448,6 +448,18 @@ def open_or_build(cache_dir, teacher_fn, packed, meta, U, temperature, seed, sha
     return open_cache(cache_dir, dict(meta, U=U, temperature=temperature, seed=seed))
 
 
+
+def open_run_caches(cache_dir, teacher_fn, splits, meta, U, temperature, seed, shard_size=256, rank=0,
+                    world_size=1, barrier=None, progress=True, log=print):
+    """{split: TeacherCache} for a run's packed splits {name: data.Packed}, one cache directory each under
+    cache_dir, named by the split, its data fingerprint and the seed (the draws depend on it)."""
+    out = {}
+    for split, packed in splits.items():
+        d = os.path.join(cache_dir, f"{split}-{packed.fingerprint}-seed{seed}")
+        out[split] = open_or_build(d, teacher_fn, packed, dict(meta, data_fingerprint=packed.fingerprint), U,
+                                   temperature, seed, shard_size, rank, world_size, barrier, progress, log)
+    return out
+
 def finalize(cache_dir):
     """Write header.json once every shard of the plan is complete (rank 0 after a barrier in DDP).
 

@@ -530,6 +530,9 @@ def load_splits(tokenizer, data=None, seq_len=512, tokens=1_000_000, eval_tokens
         if len(toks) == 0:
             why = _empty_reason(s, seen, skipped, seq_len)
             raise UserError(f"--data {name}: the {s} split is empty: {why}")
+        if not valid.any():
+            raise UserError(f"--data {name}: no position of the {s} split can be supervised (every target "
+                            "follows an end-of-text token): nothing would train or be measured")
         out[s] = Packed(toks, valid, torch.arange(len(toks)), _fingerprint(toks, seq_len, tokenizer_fp))
     return out
 

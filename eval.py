@@ -212,6 +212,14 @@ def lambada_example(doc):
     return {"context": context, "target": " " + word}
 
 
+
+def load_probe(path):
+    """train.py --probe's examples: LAMBADA-style rows {"text": context + " " + the word to predict}."""
+    rows = read_jsonl(path, "--probe")
+    if not rows or not all(isinstance(row.get("text"), str) for row in rows):
+        raise UserError(f"--probe {path}: need one or more rows, each with a string field 'text'")
+    return [lambada_example(row) for row in rows]
+
 def gsm8k_example(doc):
     if "####" not in doc["answer"]:
         raise UserError(f"gsm8k: reference answer without '####': {doc['answer'][-60:]!r}")

@@ -245,6 +245,17 @@ def student_from_teacher(teacher, keep):
     return student
 
 
+
+def layer_dropped_student(teacher_fn, keep, device, tok, init_dir=None, save=True):
+    """The teacher with only its layers `keep`, fp32 on `device`. With init_dir it is saved there once
+    (when `save`) and reloaded afterwards, so a run whose teacher cache exists never loads the teacher."""
+    if init_dir and os.path.exists(os.path.join(init_dir, "config.json")):
+        return load_model(init_dir, device, torch.float32)[0]
+    student = student_from_teacher(teacher_fn(), keep).to(device, torch.float32)
+    if init_dir and save:
+        save_model(student, tok, init_dir)
+    return student
+
 def tokenizer_fingerprint(tok):
     """A hash of the tokenizer's vocabulary and special tokens: equal iff the token ids mean the same."""
     h = hashlib.sha256()
@@ -319,3 +330,17 @@ def generate(model, prompt_ids, max_new_tokens, vocab_size, generator=None):
         if step + 1 < max_new_tokens:
             out = model(input_ids=nxt, use_cache=True, **{name: getattr(out, name)})
     return ids
+
+
+
+@torch.no_grad()
+def on_policy_batch(student, x, prompt_len, gen_tokens, vocab_size, generator=None):
+    """(inputs, targets, valid) of the student's own continuations of x's first prompt_len tokens: only
+    the generated tokens are supervised (on-policy KD, Table 5)."""
+    was_training = student.training
+    student.eval()
+    seq = generate(student, x[:, :prompt_len], gen_tokens, vocab_size, generator)  # (B, P + gen), ids < V
+    student.train(was_training)
+    valid = torch.zeros_like(seq[:, 1:], dtype=torch.bool)
+    valid[:, prompt_len - 1:] = True
+    return seq[:, :-1], seq[:, 1:], valid

@@ -186,3 +186,13 @@ def trim_freed_memory():
     libc = _glibc()
     if libc:
         libc.malloc_trim(0)
+
+
+def start_run_memory(devices, keep_freed=False):
+    """Each run of a matrix reports its own peak: free pages an earlier run kept are returned and the peak
+    counters reset; keep_freed (CPU): freed (c, V) logits chunks reuse pages instead of faulting them in."""
+    if keep_freed and any(torch.device(d).type == "cpu" for d in devices):
+        keep_freed_memory()
+    trim_freed_memory()
+    for dev in set(devices):
+        reset_peak_memory(dev)

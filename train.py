@@ -100,11 +100,7 @@ def setup(args, shared):
     r = Run(args, shared, ddp, rank, world, rank == 0, t_dev, s_dev, bf16, torch.bfloat16 if bf16 else torch.float32,
             why, study.config_key(args), print if rank == 0 else lambda *a, **k: None, time.time())
     torch.manual_seed(args.seed)
-    if args.keep_freed_memory and "cpu" in {torch.device(t_dev).type, torch.device(s_dev).type}:
-        system.keep_freed_memory()  # (c, V) logits chunks reuse pages instead of faulting them in again
-    system.trim_freed_memory()  # free pages the previous run of a matrix kept do not count in this one's peak
-    for dev in {t_dev, s_dev}:
-        system.reset_peak_memory(dev)  # each run of a matrix reports its own peak
+    system.start_run_memory((t_dev, s_dev), args.keep_freed_memory)  # this run's own peak memory
     where = [study.prepare_out_dir(args, r.config_key, r.log) if r.master else None]
     if ddp:  # rank 0 alone reads and cleans the out-dir; every rank writes to and resumes from its answer
         dist.broadcast_object_list(where)
@@ -136,12 +132,7 @@ def load_models(r, s):
         r.keep = models.parse_layers(args.student_layers, models.load_config(args.teacher).num_hidden_layers, flag)
         tag = common.seed_from(args.teacher, args.student_layers, str(r.t_dtype))
         init_dir = os.path.join(args.cache_dir, f"student_init_{tag:x}") if args.cache_dir else None
-        if init_dir and os.path.exists(os.path.join(init_dir, "config.json")):
-            r.student = models.load_model(init_dir, r.s_dev, torch.float32)[0]
-        else:
-            r.student = models.student_from_teacher(get_teacher(r), r.keep).to(r.s_dev, torch.float32)
-            if init_dir and r.master:
-                models.save_model(r.student, r.tok, init_dir)
+        r.student = models.layer_dropped_student(lambda: get_teacher(r), r.keep, r.s_dev, r.tok, init_dir, r.master)
         r.V = len(r.tok)
     r.student.requires_grad_(True).train()
     if r.teacher is not None:
@@ -180,20 +171,10 @@ def load_data(r):
         splits = data.load_splits(r.tok, args.data, args.seq_len, args.tokens, args.eval_tokens, args.seed,
                                   args.text_field, args.tokenizer_backend, models.tokenizer_fingerprint(r.tok))
     r.train, r.held = splits["train"], splits[args.eval_split]
-    if len(r.held) == 0 or not r.held.valid.any():
-        raise common.UserError(f"--data {args.data or 'stdlib'}: the {args.eval_split} split is empty, so "
-                               "nothing could be measured; give more documents or a larger --eval-tokens")
-    if not r.train.valid.any():
-        raise common.UserError(f"--data {args.data or 'stdlib'}: no position to supervise (every target "
-                               "follows an end-of-text token); nothing would train")
+    if not r.held.valid.any():  # data.load_splits refuses this for text; a small GSM8K file can hit it
+        raise common.UserError(f"--task-data {args.task_data}: the {args.eval_split} split is empty; give more examples")
     r.n_train_all = len(r.train)
-    if args.probe:  # LAMBADA-style rows {"text": context + " " + the word to predict}
-        rows = common.read_jsonl(args.probe, "--probe")
-        if not all(isinstance(row.get("text"), str) for row in rows):
-            raise common.UserError(f"--probe {args.probe}: every row needs a string field 'text'")
-        r.probe = [eval_.lambada_example(row) for row in rows]
-        if not r.probe:
-            raise common.UserError(f"--probe {args.probe}: no examples")
+    r.probe = eval_.load_probe(args.probe) if args.probe else None
 
 
 # -----------------------------------------------------------------------------
@@ -237,15 +218,13 @@ def open_teacher_cache(r, s):
     # (b, T) -> (b, T, V) teacher logits on the teacher's device, where the cache samples; the teacher
     # loads only if a cache is missing
     logits = lambda x: teacher_states(r, x).to(r.t_dev) @ models.head_weight(get_teacher(r), r.V).T  # noqa: E731
-    for split, packed in (("train", r.train), (args.eval_split, r.held)):
-        d = os.path.join(args.cache_dir, f"{split}-{packed.fingerprint}-seed{args.seed}")  # draws depend on seed
-        meta = dict(teacher=args.teacher, vocab_size=r.V, seq_len=args.seq_len, dtype=str(r.t_dtype),
-                    tokenizer_fingerprint=models.tokenizer_fingerprint(r.tok), data_fingerprint=packed.fingerprint)
-        c = cache.open_or_build(d, logits, packed, meta, args.rs_u, args.temperature, args.seed,
-                                args.cache_shard_size, r.rank, r.world, dist.barrier if r.ddp else None,
-                                r.master, r.log)
-        r.tcache, r.held_cache = (c, r.held_cache) if split == "train" else (r.tcache, c)
-    ref = os.path.join(d, "teacher_heldout.json")  # the teacher's own held-out numbers, kept with the cache
+    meta = dict(teacher=args.teacher, vocab_size=r.V, seq_len=args.seq_len, dtype=str(r.t_dtype),
+                tokenizer_fingerprint=models.tokenizer_fingerprint(r.tok))
+    caches = cache.open_run_caches(args.cache_dir, logits, {"train": r.train, args.eval_split: r.held}, meta,
+                                   args.rs_u, args.temperature, args.seed, args.cache_shard_size, r.rank, r.world,
+                                   dist.barrier if r.ddp else None, r.master, r.log)
+    r.tcache, r.held_cache = caches["train"], caches[args.eval_split]
+    ref = os.path.join(r.held_cache.dir, "teacher_heldout.json")  # the teacher's own held-out numbers
     if not os.path.exists(ref) and r.master:
         common.atomic_json(ref, heldout.heldout_metrics(get_teacher(r), r.held.batches(args.batch_size), None, r.V,
                                                         args.entropy_chunk))
@@ -261,7 +240,8 @@ def micro_step(r, s, idx, g):
     args = r.args
     x, y, valid = (t[idx].to(r.s_dev) for t in (r.train.input_ids, r.train.targets, r.train.valid))
     if args.on_policy:  # the student writes the continuation; its tokens are what we supervise
-        x, y, valid = on_policy_batch(r, x, g)
+        with amp(r):
+            x, y, valid = models.on_policy_batch(r.student, x, args.gen_prompt_len, args.gen_tokens, r.V, g)
     with amp(r):
         hs = models.trunk(r.student, x)  # (B, T, d) with grad
     ht = teacher_states(r, x, r.shared.memo_train_rows) if r.Wt is not None else None  # (B, T, d_t)
@@ -303,19 +283,6 @@ def teacher_target(r, ht, sel, sample_ids, chunk):
         ids, counts = (torch.cat([d[j] for d in draws]).to(r.s_dev) for j in (0, 1))
         return losses.SparseTeacher(ids, counts.float() / U)  # p~ = count / U, exactly
     return losses.DenseTeacher(ht[sel], r.Wt)
-
-
-@torch.no_grad()
-def on_policy_batch(r, x, g):
-    """Student-generated continuations of the first --gen-prompt-len tokens; only generated tokens count."""
-    P = r.args.gen_prompt_len
-    r.student.eval()
-    with amp(r):
-        seq = models.generate(r.student, x[:, :P], r.args.gen_tokens, r.V, g)  # (B, P + gen), ids < V
-    r.student.train()
-    valid = torch.zeros_like(seq[:, 1:], dtype=torch.bool)
-    valid[:, P - 1:] = True
-    return seq[:, :-1], seq[:, 1:], valid
 
 
 # -----------------------------------------------------------------------------
