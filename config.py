@@ -22,8 +22,9 @@ import selection
 
 SANDBOX = sandbox.paths()  # where sandbox.py builds the near pair (--preset sandbox)
 PRESETS = {  # explicit flags override these
+    # the paper's 512-token sequences, 2 a step: 48 steps of 1,024 tokens over the 49k-token budget
     "tiny": dict(teacher="smollm2", student=None, student_layers="0,4,8,12,16,20,24,29", data=None,
-                 seq_len=256, tokens=49_152, eval_tokens=8_192, batch_size=4, grad_accum=1, lr=3e-4,
+                 seq_len=512, tokens=49_152, eval_tokens=8_192, batch_size=2, grad_accum=1, lr=3e-4,
                  optim="adamw", schedule="cosine", warmup=0.05, seeds="0"),
     # Table 8-9 and Appendix B/F of the paper: Adam8bit at a constant lr 1e-5, batch 16 (2 x 8), 512-token
     # sequences, 4,000 curriculum steps, seeds 1337-1339 (the authors' released configuration)

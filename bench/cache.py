@@ -100,7 +100,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer sequences and steps (CPU: ~2 min)")
     p.add_argument("--seqs", type=int, help="sequences to cache (default 16 quick / 64)")
-    p.add_argument("--seq-len", type=int, default=256, help="T (the tiny preset's)")
+    p.add_argument("--seq-len", type=int, default=256, help="T (the published runs used 256)")
     p.add_argument("--u", type=int, default=64, help="RS-KD classes drawn per position (paper: 64)")
     p.add_argument("--batch-size", type=int, default=4, help="B of the training step and of reads")
     p.add_argument("--train-steps", type=int, help="timed training steps (default 2 quick / 5)")

@@ -86,7 +86,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a smaller budget (CPU: ~5 min)")
     p.add_argument("--tokens", type=int, help="training token budget (default 8192 quick / 16384)")
     p.add_argument("--eval-tokens", type=int, help="held-out tokens (default 1024 quick / 4096)")
-    p.add_argument("--seq-len", type=int, default=256, help="T (the tiny preset's)")
+    p.add_argument("--seq-len", type=int, default=256, help="T (the published runs used 256)")
     p.add_argument("--repeats", type=int, default=1, help="repeat the five runs (rotated order); medians")
     p.add_argument("--workdir", help="keep the runs' out dirs and the cache here (default: temp, removed)")
     p.add_argument("--extra", default="", help="more train.py flags for every run, e.g. '--teacher X'")
