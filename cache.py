@@ -69,7 +69,7 @@ import numpy as np
 import torch
 
 import losses
-from common import TMP_PREFIX, ArgumentParser, UserError, atomic_json, atomic_write
+from common import TMP_PREFIX, ArgumentParser, UserError, atomic_json, atomic_write, seed_from
 
 FORMAT_VERSION = 2       # 2: exact counts (count - 1 in the count bits); 1: quantized probabilities (lossy)
 SELECTION_VERSION = 1    # format of save_selection's file (independent of the class format)
@@ -697,6 +697,18 @@ def load_selection(path, config):
         return None
     return torch.tensor(d["kept_ids"], dtype=torch.int64)
 
+
+
+def cached_selection(root, config, select, save=True):
+    """The kept sample ids for `config`, from root/selections/<hash of config>.json when a run already scored
+    them (the other runs of a table reuse one scoring), else select() and (when `save`) store them there."""
+    path = os.path.join(root, "selections", f"{seed_from(sorted(config.items())):x}.json")
+    kept = load_selection(path, config)
+    if kept is None:
+        kept = select()
+        if save:
+            save_selection(path, kept, config)
+    return kept
 
 # ----------------------------------------------------------------------------- CLI
 

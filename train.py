@@ -184,23 +184,19 @@ def select_samples(r, s):
     args = r.args
     if args.sample_metric == "none":
         return
-    t0 = time.time()
+    t0, need_t = time.time(), selection.needs_teacher(args.sample_metric)
     cfg = dict(metric=args.sample_metric, l=args.sample_frac, data_fingerprint=r.train.fingerprint, seed=args.seed,
                student=args.student or f"{args.teacher}:{args.student_layers}", teacher=args.teacher)
-    path = os.path.join(args.cache_dir or os.path.join(args.out_dir, ".."), "selections",
-                        f"{common.seed_from(sorted(cfg.items())):x}.json")
-    kept = cache.load_selection(path, cfg)  # the kept ids are cached: the table's other runs reuse them
-    if kept is None:
-        need_t = selection.needs_teacher(args.sample_metric)
+
+    def select():  # the frozen student's (and teacher's) score of every training sequence, top l% kept
         with amp(r):
             scores = selection.score_samples(
                 args.sample_metric, r.train, lambda x: models.trunk(r.student, x), r.Ws,
                 (lambda x: teacher_states(r, x)) if need_t else None,
                 models.head_weight(get_teacher(r), r.V).to(r.s_dev) if need_t else None,
                 args.batch_size, args.entropy_chunk, args.seed, r.s_dev)
-        kept = selection.select_samples(scores, args.sample_frac)
-        if r.master:
-            cache.save_selection(path, kept, cfg)
+        return selection.select_samples(scores, args.sample_frac)
+    kept = cache.cached_selection(args.cache_dir or os.path.join(args.out_dir, ".."), cfg, select, r.master)
     r.train = r.train.subset(kept)
     r.train.fingerprint = f"{common.seed_from(r.train.fingerprint, kept.tolist()):016x}"  # names its cache
     s.timing["scoring_s"] = time.time() - t0
