@@ -9,7 +9,7 @@ A step: student trunk -> score positions (chunked, no (B, T, V) logits) -> pick 
 (selection.POLICIES) -> selective LM head on the picked rows -> KL(p_t || q_t) there (fused_head.HEADS)
 -> normalise per sequence (Eq. 4) -> optimizer step. A run's state is two dataclasses: Run, what the
 environment supplies (rebuilt at every start), and Progress, what a checkpoint saves. Flags live in
-config.py; see README "How it works".
+config.py; see README "How a step works".
 """
 import json
 import math
