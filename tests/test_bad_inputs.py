@@ -76,6 +76,21 @@ def test_task_data_errors_name_the_flag_and_file(tiny_dir, tmp_path, capsys, no_
     assert f"--task-data {f}" in line and words in line
 
 
+def train_exit(tiny_dir, tmp_path, extra):
+    """train.main on the tiny fixture plus `extra` flags ({tmp} is tmp_path, where the input files the cases
+    name are written first): the SystemExit it ends with."""
+    write(tmp_path / "a_file", "x")
+    write(tmp_path / "rows.jsonl", json.dumps({"text": "a b c"}) + "\n")
+    write(tmp_path / "gsm.jsonl", json.dumps(GSM8K_ROW) + "\n")
+    write(tmp_path / "random.bin", torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0))
+          .to(torch.uint8).numpy().tobytes())
+    write(tmp_path / "latin1.txt", ("Le café est très noir. " * 50 + "\n").encode("latin-1"))
+    write(tmp_path / "model.gguf", b"GGUF" + bytes(range(1, 200)) * 10)
+    with pytest.raises(SystemExit) as e:
+        train.main(train_args(tiny_dir, tmp_path / "out", *[a.replace("{tmp}", str(tmp_path)) for a in extra]))
+    return e.value
+
+
 @pytest.mark.parametrize("extra,words", [
     (["--data", "HuggingFaceFW/fineweb-edu"], "--data HuggingFaceFW/fineweb-edu: not a local .txt/.jsonl/.parquet "
                                               "file, and not in the local Hugging Face cache"),
@@ -94,12 +109,7 @@ def test_task_data_errors_name_the_flag_and_file(tiny_dir, tmp_path, capsys, no_
     (["--policy", "nope"], "argument --policy: invalid choice: 'nope'"),
 ])
 def test_train_errors_are_one_line_before_any_model(tiny_dir, tmp_path, capsys, no_models, extra, words):
-    write(tmp_path / "a_file", "x")
-    write(tmp_path / "rows.jsonl", json.dumps({"text": "a b c"}) + "\n")
-    extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
-    with pytest.raises(SystemExit) as e:
-        train.main(train_args(tiny_dir, tmp_path / "out", *extra))
-    line = one_line(capsys, e.value.code)
+    line = one_line(capsys, train_exit(tiny_dir, tmp_path, extra).code)
     assert words.replace("{tmp}", str(tmp_path)) in line
     assert not (tmp_path / "out").exists()  # refused before the out-dir is touched
 
@@ -131,14 +141,7 @@ def test_value_errors_print_no_usage_block(capsys):
     (["--data", "{tmp}/model.gguf"], "is a GGUF model file"),
 ])
 def test_suspicious_input_warns_once(tiny_dir, tmp_path, capsys, no_models, extra, words):
-    write(tmp_path / "gsm.jsonl", json.dumps(GSM8K_ROW) + "\n")
-    write(tmp_path / "random.bin", torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0))
-          .to(torch.uint8).numpy().tobytes())
-    write(tmp_path / "latin1.txt", ("Le café est très noir. " * 50 + "\n").encode("latin-1"))
-    write(tmp_path / "model.gguf", b"GGUF" + bytes(range(1, 200)) * 10)
-    extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
-    with pytest.raises(SystemExit):
-        train.main(train_args(tiny_dir, tmp_path / "out", *extra))
+    train_exit(tiny_dir, tmp_path, extra)
     err = capsys.readouterr().err.strip().splitlines()
     warnings = [line for line in err if line.startswith("train.py: warning: ")]
     assert len(warnings) == 1 and words in warnings[0], err
