@@ -707,7 +707,7 @@ def targets_text(all_ratios):
     out = ["\n### targets (ratio to the default flow, same shape and machine)\n"]
     for shape, r in all_ratios.items():
         for name, key, cmp in (("student peak memory <= 0.72", "student_peak_mem", "le"),
-                               ("step time <= 0.65 (issue 20; the paper: 0.735)", "step_time", "le"),
+                               ("step time <= 0.65 (the paper: 0.735)", "step_time", "le"),
                                ("selective-head logit memory <= 1.1 x ideal", "logit_mem", "le")):
             v = r[key][2]
             thr = TARGETS[key]
