@@ -123,6 +123,50 @@ def test_swap_name_differs_in_one_name():
         assert diff[0][1] not in re.findall(r"\w+", gold)
 
 
+def test_next_indent_offers_the_line_at_three_indentations():
+    for ex in build("next_indent", "test"):
+        text, i = source(ex)
+        line = text.split("\n")[i]
+        body = line.lstrip(" ")
+        assert " " + ex["choices"][ex["gold"]] == line and ex["context"].endswith("\n")  # the file's own line
+        depth = len(line) - len(body)
+        assert sorted(" " + c for c in ex["choices"]) == sorted(" " * d + body for d in (depth - 4, depth, depth + 4))
+
+
+def test_line_order_swaps_two_consecutive_lines():
+    for ex in build("line_order", "validation"):
+        text, i = source(ex)
+        a, b = text.split("\n")[i:i + 2]
+        indent = a[:len(a) - len(a.lstrip(" "))]
+        assert ex["choices"][ex["gold"]] == a.strip() + "\n" + b  # the file's order
+        assert ex["choices"][1 - ex["gold"]] == b.strip() + "\n" + indent + a.strip()
+
+
+def test_line_end_distractors_are_one_edit_away():
+    exs = build("line_end", "test")
+    assert len({len(ex["choices"]) for ex in exs}) > 1  # as many choices as endings one edit away
+    for ex in exs:
+        text, i = source(ex)
+        lines = text.split("\n")
+        nxt = lines[i + 1]
+        after = "\n" + nxt[:len(nxt) - len(nxt.lstrip(" ")) - 1]  # the next line's indentation less one space
+        gold = ex["choices"][ex["gold"]]
+        assert ex["context"] + " " + gold == text[text.find(ex["context"]):][:len(ex["context"]) + 1 + len(gold)]
+        end = re.search(r"[)\]}:,(\[{]+$", lines[i]).group()
+        head = lines[i].strip()[:-len(end)]
+        for c in ex["choices"]:
+            assert c.startswith(head) and c.endswith(after)
+            mine = c[len(head):len(c) - len(after)]
+            assert mine in suite.ENDINGS and (c == gold or suite._one_edit(mine, end))
+        assert len(set(ex["choices"])) == len(ex["choices"]) >= suite.CHOICES
+
+
+def test_one_edit():
+    assert suite._one_edit(")", "):") and suite._one_edit("):", ")") and suite._one_edit(")", "]")
+    assert suite._one_edit("))", "])") and not suite._one_edit(")", ")")
+    assert not suite._one_edit(")", "]):") and not suite._one_edit("):", "],")
+
+
 def test_fit_context_takes_the_longest_fitting_lines():
     text = "aaaa\nbbbb\ncccc\ndddd\n"
     starts = suite.line_starts(text)
@@ -196,6 +240,7 @@ def test_verdicts():
 def test_per_example_reads_the_task_metric():
     rows = [{"gold": 1, "pred": 1, "pred_norm": 0}, {"gold": 2, "pred": 0, "pred_norm": 2}]
     assert suite.per_example("next_line", rows) == ([0.0, 1.0], None)  # acc_norm: pred_norm
+    assert suite.per_example("next_indent", rows) == ([1.0, 0.0], None)  # acc: pred
     words = [{"is_greedy": True, "loglikelihood": -1.5}, {"is_greedy": False, "loglikelihood": -4.0}]
     assert suite.per_example("last_word", words) == ([1.0, 0.0], [1.5, 4.0])
 
@@ -209,7 +254,7 @@ def test_acceptance_reads_eval_outputs_and_prints_the_table(tmp_path):
             if suite.TASKS[task]["kind"] == "last_word":
                 rows = [{"is_greedy": i < k, "loglikelihood": -(3.0 - k / 100)} for i in range(n)]
             else:
-                rows = [{"gold": 0, "pred": 0, "pred_norm": 0 if i < k else 1} for i in range(n)]
+                rows = [{"gold": 0, "pred": 0 if i < k else 1, "pred_norm": 0 if i < k else 1} for i in range(n)]
             eval_.write_jsonl(str(d / f"{task}.jsonl"), rows)
     verdicts = suite.acceptance(*(str(tmp_path / w) for w in ("teacher", "student", "kd")))
     assert [v["task"] for v in verdicts] == list(suite.TASKS) and all(v["accepted"] for v in verdicts)
@@ -259,3 +304,9 @@ def test_toy_pair_scored_through_eval(toy, tmp_path, monkeypatch):
         assert sum(right) / len(right) == pytest.approx(results[task][suite.TASKS[task]["metric"]])
     saved = json.load(open(out / "eval_validation.json"))
     assert suite.suite_acc(saved) == pytest.approx(suite.suite_acc(results))
+
+
+def test_eval_without_a_built_pair_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANO_SEKD_HOME", str(tmp_path))  # no pair built there
+    with pytest.raises(UserError, match="not built .* run python sandbox.py"):
+        eval_.main([str(tmp_path / "no-model"), "--suite", "sandbox", "--out", str(tmp_path / "o")])
