@@ -86,7 +86,8 @@ import os
 import re
 import statistics
 
-from common import ArgumentParser, UserError, atomic_write, read_json, read_jsonl, run_cli, seed_from
+from common import (ArgumentParser, UserError, atomic_write, read_json, read_jsonl, run_cli, seed_from,
+                    writable_dir_problem)
 
 SPLITS = ("validation", "test")
 N_PER_SPLIT = 500  # examples per task and part: a 5-point paired difference resolves at this size
@@ -617,6 +618,8 @@ def main(argv=None):
             raise UserError(f"--tasks: unknown task {sorted(set(tasks) - set(TASKS))[0]!r}; choose from {list(TASKS)}")
         print(format_acceptance(acceptance(*args.accept, split=args.split, tasks=tasks)), end="")
         return
+    if args.write and writable_dir_problem(args.write):
+        raise UserError(f"--write {args.write!r} {writable_dir_problem(args.write)}")
     describe(args.root or sandbox.default_root(), args.write)
 
 
