@@ -86,7 +86,7 @@ import os
 import re
 import statistics
 
-from common import (ArgumentParser, UserError, atomic_write, read_json, read_jsonl, run_cli, seed_from,
+from common import (ArgumentParser, UserError, atomic_write, generator, read_json, read_jsonl, run_cli, seed_from,
                     writable_dir_problem)
 
 SPLITS = ("validation", "test")
@@ -465,11 +465,10 @@ def paired_bootstrap(a, b, n_boot=BOOTSTRAP, key="suite"):
     """mean(a - b) and its percentile 95% interval from `n_boot` resamples of the examples (the same
     resample for a and b: paired). The draws are fixed by a hash of `key`."""
     import torch
-    import common
     if len(a) != len(b) or not a:
         raise ValueError(f"paired bootstrap needs two equal, non-empty lists, got {len(a)} and {len(b)}")
     d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)  # (n,)
-    idx = torch.randint(len(d), (n_boot, len(d)), generator=common.generator("bootstrap", key))  # (B, n)
+    idx = torch.randint(len(d), (n_boot, len(d)), generator=generator("bootstrap", key))  # (B, n)
     means = d[idx].mean(1)
     lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return {"mean": float(d.mean()), "lo": lo, "hi": hi}
