@@ -234,18 +234,24 @@ def _next_line_sites(rel, text, encode, win, task):
             yield (task, rel, i), make
 
 
-def next_line(rel, text, encode, win):
-    """HellaSwag-style: {context, choices, gold}: the true next line and 3 of its distractors."""
-    for key, site in _next_line_sites(rel, text, encode, win, "next_line"):
+def _from_sites(sites, build):
+    """(key, make) per (key, site) of a site finder, where make() is build(key, *site()), or None when the
+    site found nothing: the tasks that share a finder differ only in what they build from its finds."""
+    for key, site in sites:
         def make(key=key, site=site):
             found = site()
-            if found is None:
-                return None
-            context, body, others = found
-            choices, gold = _place(body, _pick(others, CHOICES - 1, *key), *key)
-            if _fits(encode, win, context, [" " + c for c in choices]):
-                return {"context": context, "choices": choices, "gold": gold}
+            return None if found is None else build(key, *found)
         yield key, make
+
+
+def next_line(rel, text, encode, win):
+    """HellaSwag-style: {context, choices, gold}: the true next line and 3 of its distractors."""
+    def build(key, context, body, others):
+        choices, gold = _place(body, _pick(others, CHOICES - 1, *key), *key)
+        if _fits(encode, win, context, [" " + c for c in choices]):
+            return {"context": context, "choices": choices, "gold": gold}
+        return None
+    return _from_sites(_next_line_sites(rel, text, encode, win, "next_line"), build)
 
 
 def swap_name(rel, text, encode, win):
@@ -384,28 +390,20 @@ def _name_sites(rel, text, encode, win, task):
 
 def last_word(rel, text, encode, win):
     """LAMBADA-style: {context, target = ' ' + word}."""
-    for key, site in _name_sites(rel, text, encode, win, "last_word"):
-        def make(site=site):
-            found = site()
-            return None if found is None else {"context": found[0], "target": " " + found[1]}
-        yield key, make
+    return _from_sites(_name_sites(rel, text, encode, win, "last_word"),
+                       lambda key, ctx, word: {"context": ctx, "target": " " + word})
 
 
 def pick_name(rel, text, encode, win):
     """The LAMBADA target among 3 other names of its context: {context, choices, gold}."""
-    for key, site in _name_sites(rel, text, encode, win, "pick_name"):
-        def make(key=key, site=site):
-            found = site()
-            if found is None:
-                return None
-            ctx, word = found
-            others = sorted(n for n in _names(ctx) if n != word)
-            if len(others) < CHOICES - 1:
-                return None
-            choices, gold = _place(word, _pick(others, CHOICES - 1, *key), *key)
-            return {"context": ctx, "choices": choices, "gold": gold} \
-                if _fits(encode, win, ctx, [" " + c for c in choices]) else None
-        yield key, make
+    def build(key, ctx, word):
+        others = sorted(n for n in _names(ctx) if n != word)
+        if len(others) < CHOICES - 1:
+            return None
+        choices, gold = _place(word, _pick(others, CHOICES - 1, *key), *key)
+        return {"context": ctx, "choices": choices, "gold": gold} \
+            if _fits(encode, win, ctx, [" " + c for c in choices]) else None
+    return _from_sites(_name_sites(rel, text, encode, win, "pick_name"), build)
 
 
 # -----------------------------------------------------------------------------
