@@ -182,6 +182,15 @@ def _place(gold, others, *key):
     return others[:g] + [gold] + others[g:], g
 
 
+def _choice_example(context, gold, others, key, encode, win):
+    """{context, choices, gold}: the gold among `others` at a place hashed from `key`; None when a choice
+    does not fit the window after the context."""
+    choices, g = _place(gold, others, *key)
+    if not _fits(encode, win, context, [" " + c for c in choices]):
+        return None
+    return {"context": context, "choices": choices, "gold": g}
+
+
 def _names(text):
     return {m.group() for m in IDENT.finditer(text) if len(m.group()) >= 4 and m.group() not in COMMON}
 
@@ -247,10 +256,7 @@ def _from_sites(sites, build):
 def next_line(rel, text, encode, win):
     """HellaSwag-style: {context, choices, gold}: the true next line and 3 of its distractors."""
     def build(key, context, body, others):
-        choices, gold = _place(body, _pick(others, CHOICES - 1, *key), *key)
-        if _fits(encode, win, context, [" " + c for c in choices]):
-            return {"context": context, "choices": choices, "gold": gold}
-        return None
+        return _choice_example(context, body, _pick(others, CHOICES - 1, *key), key, encode, win)
     return _from_sites(_next_line_sites(rel, text, encode, win, "next_line"), build)
 
 
@@ -279,10 +285,7 @@ def swap_name(rel, text, encode, win):
                               int(win * MIN_CONTEXT))
             if ctx is None:
                 return None
-            choices, gold = _place(body, [swapped], *key)
-            context = ctx + indent[:-1]
-            return {"context": context, "choices": choices, "gold": gold} \
-                if _fits(encode, win, context, [" " + c for c in choices]) else None
+            return _choice_example(ctx + indent[:-1], body, [swapped], key, encode, win)
         yield ("swap_name", rel, i), make
 
 
@@ -301,9 +304,8 @@ def next_indent(rel, text, encode, win):
             ctx = fit_context(text, starts, starts[i], indent + "    " + body, encode, win, int(win * MIN_CONTEXT))
             if ctx is None:
                 return None
-            choices, gold = _place(indent[1:] + body, [indent[5:] + body, indent[1:] + "    " + body], *key)
-            return {"context": ctx, "choices": choices, "gold": gold} \
-                if _fits(encode, win, ctx, [" " + c for c in choices]) else None
+            return _choice_example(ctx, indent[1:] + body, [indent[5:] + body, indent[1:] + "    " + body], key,
+                                   encode, win)
         yield ("next_indent", rel, i), make
 
 
@@ -322,10 +324,7 @@ def line_order(rel, text, encode, win):
             ctx = fit_context(text, starts, starts[i], indent + right, encode, win, int(win * MIN_CONTEXT))
             if ctx is None:
                 return None
-            choices, gold = _place(right, [swapped], *key)
-            context = ctx + indent[:-1]
-            return {"context": context, "choices": choices, "gold": gold} \
-                if _fits(encode, win, context, [" " + c for c in choices]) else None
+            return _choice_example(ctx + indent[:-1], right, [swapped], key, encode, win)
         yield ("line_order", rel, i), make
 
 
@@ -360,14 +359,11 @@ def line_end(rel, text, encode, win):
             if len(near) < CHOICES - 1:
                 return None
             others = [head + e + after for e in _pick(near, len(near), *key)]  # all: 3 were too easy
-            choices, gold = _place(head + end + after, others, *key)
-            ctx = fit_context(text, starts, starts[i], indent + max(choices, key=len), encode, win,
-                              int(win * MIN_CONTEXT))
+            longest = max(_place(head + end + after, others, *key)[0], key=len)  # in the choices' order
+            ctx = fit_context(text, starts, starts[i], indent + longest, encode, win, int(win * MIN_CONTEXT))
             if ctx is None:
                 return None
-            context = ctx + indent[:-1]
-            return {"context": context, "choices": choices, "gold": gold} \
-                if _fits(encode, win, context, [" " + c for c in choices]) else None
+            return _choice_example(ctx + indent[:-1], head + end + after, others, key, encode, win)
         yield ("line_end", rel, i), make
 
 
@@ -400,9 +396,7 @@ def pick_name(rel, text, encode, win):
         others = sorted(n for n in _names(ctx) if n != word)
         if len(others) < CHOICES - 1:
             return None
-        choices, gold = _place(word, _pick(others, CHOICES - 1, *key), *key)
-        return {"context": ctx, "choices": choices, "gold": gold} \
-            if _fits(encode, win, ctx, [" " + c for c in choices]) else None
+        return _choice_example(ctx, word, _pick(others, CHOICES - 1, *key), key, encode, win)
     return _from_sites(_name_sites(rel, text, encode, win, "pick_name"), build)
 
 
