@@ -38,10 +38,10 @@ PRESETS = {  # explicit flags override these
     "sandbox": dict(teacher=SANDBOX["teacher"], student=SANDBOX["student"], dtype="fp32",
                     data=SANDBOX["kd"], probe=SANDBOX["probe"], seq_len=128, tokens=196_608,
                     eval_tokens=8_192, batch_size=8, grad_accum=1, lr=3e-3, optim="adamw", schedule="cosine",
-                    warmup=0.05, seeds="0,1,2,3,4"),
+                    warmup=0.05, seeds="0,1,2,3,4", suite="sandbox"),
 }
 SAMPLE_METRICS = ["none", "student_entropy", "ce_ratio", "kl", "random"]
-MATRICES = ["table2", "table3", "table4", "table5", "core", "budget"]  # defined in study.py
+MATRICES = ["table2", "table3", "table4", "table5", "core", "budget", "lr"]  # defined in study.py
 DEFAULT_TASK_DATA = "openai/gsm8k"
 # flags that change where a run writes or what it is called, not its numbers (kept out of config_key)
 RUN_ONLY = ("out_dir", "run_name", "resume", "log_every", "eval_every", "ckpt_every", "save_model", "teacher_memo_gb",
@@ -68,6 +68,8 @@ def get_parser():
     g("--eval-split", choices=["val", "test"], default="val", help="held-out split for summary metrics")
     g("--probe", help="LAMBADA-style .jsonl (rows {'text'}; the last word is the target): the student's "
       "greedy last-word accuracy before and after (sandbox.py builds one)")
+    g("--suite", choices=["none", "sandbox"], help="downstream suite scored at the end into eval.json and "
+      "eval_validation.json, as `eval.py RUN --suite S` would (default: sandbox under --preset sandbox, else none)")
     g("--tokenizer-backend", choices=["auto", "hf", "tiktoken"], default="auto",
       help="auto: tiktoken when proven id-for-id equal to the HF tokenizer")
     g = p.add_argument_group("position axis").add_argument
@@ -162,6 +164,7 @@ def finalize(raw):
             setattr(args, key, val)
     if args.dtype is None:  # after the presets: sandbox pins fp32
         args.dtype = "auto"
+    args.suite = args.suite or "none"
     if args.entropy_chunk is None:
         import torch
         args.entropy_chunk = default_entropy_chunk("cuda" if torch.cuda.is_available() else "cpu")
@@ -192,6 +195,8 @@ def check(args):
     if args.preset == "sandbox" and uses_pair and not sandbox.is_built():
         raise ValueError(f"--preset sandbox: the pair is not built in {SANDBOX['root']}: run `python sandbox.py` "
                          "once (about 10 minutes on 2 cores; reused afterwards)")
+    if args.suite == "sandbox" and not sandbox.is_built():
+        raise ValueError(f"--suite sandbox: the pair is not built in {SANDBOX['root']}: run `python sandbox.py`")
     seeds = [] if args.seeds is None else args.seeds.split(",")
     no_teacher = args.teacher is None
     teacher_needs = [f"--pos-metric {args.pos_metric}" if selection.needs_teacher(args.pos_metric) else "",

@@ -831,7 +831,7 @@ def main(argv=None):
                            args.max_new_tokens, args.chat_template, out_dir, args.ifeval_inputs, teacher,
                            lm_kwargs, args.gsm8k_shots, progress=not args.no_progress, prepared=prepared)
     if out_dir:
-        path = os.path.join(out_dir, "eval.json" if args.split == "test" else f"eval_{args.split}.json")
+        path = report.eval_file(out_dir, args.split)
         merged = read_json(path) if os.path.isfile(path) else {}
         merged.update(results)
         atomic_json(path, merged)

@@ -55,6 +55,8 @@ MATRICES = {  # name -> [(run name, flag overrides)]
     "budget": [(f"k{k}", dict(k=k)) for k in [0.05, 0.1, 0.2, 0.5, 1.0]]
               + [(f"l{l}", dict(sample_metric=M, sample_frac=l)) for l in [0.1, 0.2, 0.5]],
 }
+LRS = (3e-3, 1e-3, 3e-4, 1e-4, 3e-5)  # the step-size sweep: the pair's pretraining peak down to 1/100 of it
+MATRICES["lr"] = [(f"{name}_lr{lr:g}", dict(overrides, lr=lr)) for name, overrides in MATRICES["core"] for lr in LRS]
 assert set(MATRICES) == set(config.MATRICES)
 
 
@@ -95,7 +97,8 @@ def read_config(out_dir):
 
 
 STAGE = ".next"  # a run that replaces a finished one writes here; publish() then moves its files over
-RUN_FILES = ("config.json", "metrics.jsonl", "ckpt.pt", "model")  # and summary.json, always last
+RUN_FILES = ("config.json", "metrics.jsonl", "ckpt.pt", "model",  # and summary.json, always last
+             "eval.json", "eval_validation.json", "eval_examples", "eval_examples_validation")  # train.py --suite
 
 
 def prepare_out_dir(args, key, log=print):
@@ -238,9 +241,12 @@ def copy_same_run(root, out, name, key):
             summary = dict(json.load(f), run_name=name, same_as=src)
         stage = os.path.join(out, STAGE)  # staged, then published: a stale run in `out` stays until then
         shutil.rmtree(stage, ignore_errors=True)
-        if os.path.exists(os.path.join(src, "metrics.jsonl")):
-            with open(os.path.join(src, "metrics.jsonl")) as f:
-                common.atomic_write(os.path.join(stage, "metrics.jsonl"), f.read())
+        for f in ("metrics.jsonl", "eval.json", "eval_validation.json", "eval_examples", "eval_examples_validation"):
+            if os.path.isdir(os.path.join(src, f)):  # the suite's per-example rows (the model is not copied)
+                shutil.copytree(os.path.join(src, f), os.path.join(stage, f))
+            elif os.path.isfile(os.path.join(src, f)):
+                with open(os.path.join(src, f)) as fh:
+                    common.atomic_write(os.path.join(stage, f), fh.read())
         common.atomic_json(os.path.join(stage, "config.json"), dict(cfg, run_name=name, out_dir=out, same_as=src))
         common.atomic_json(os.path.join(stage, "summary.json"), summary)  # last: marks the run done
         publish(out)

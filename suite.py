@@ -78,6 +78,7 @@ on names sit at the floor for both models. The two accepted tasks were shaped on
 """
 import bisect
 import builtins
+import functools
 import hashlib
 import json
 import keyword
@@ -432,12 +433,17 @@ def examples(task, split="test", root=None, limit=None):
         raise UserError(f"unknown suite task {task!r}; choose from {sorted(TASKS)}")
     if split not in SPLITS:
         raise UserError(f"--split {split}: the suite has {' and '.join(SPLITS)}")
-    root = root or sandbox.default_root()
-    win, files = window(root), probe_files(root)
-    out = build_examples(task, split, files, encoder(load_tokenizer(root)), win)
+    out = _built(task, split, os.path.abspath(root or sandbox.default_root()))
     if not out:
-        raise UserError(f"suite task {task} ({split}): no example in {root}'s probe files")
-    return out[:limit] if limit else out
+        raise UserError(f"suite task {task} ({split}): no example in {root or sandbox.default_root()}'s probe files")
+    return list(out[:limit] if limit else out)
+
+
+@functools.lru_cache(maxsize=None)
+def _built(task, split, root):
+    """build_examples once per process (a study scores every run on the same examples; a built pair's
+    files never change: sandbox.py writes a new directory for a new recipe)."""
+    return tuple(build_examples(task, split, probe_files(root), encoder(load_tokenizer(root)), window(root)))
 
 
 # -----------------------------------------------------------------------------

@@ -30,8 +30,10 @@ import fused_head
 import heldout
 import losses
 import models
+import report  # eval.json's path
 import selection
 import study
+import suite  # suite_acc: the downstream suite's headline
 import system
 
 
@@ -436,9 +438,26 @@ def evaluate(r, s, probe=True):
     return out
 
 
+def score_suite(r, s):
+    """The downstream suite (--suite) on its validation and test parts: {split: suite acc}. Writes the files
+    `eval.py RUN --suite S` writes (eval.json, eval_validation.json, per-example rows), so report.py reads both."""
+    t0, accs = time.time(), {}
+    r.student.eval()
+    with amp(r):
+        for split in ("validation", "test"):
+            results = eval_.evaluate(r.student, r.tok, list(eval_.SUITES[r.args.suite]), split, out_dir=r.run_dir,
+                                     batch_size=64, progress=False)
+            common.atomic_json(report.eval_file(r.run_dir, split), results)
+            accs[split] = suite.suite_acc(results)
+    r.student.train()
+    s.timing["eval_s"] += time.time() - t0
+    return accs
+
+
 def finish(r, s):
     args = r.args
     after = evaluate(r, s)
+    suite_accs = score_suite(r, s) if args.suite != "none" and r.master else {}
     teacher = {k[len("teacher_"):]: v for k, v in after.items() if k.startswith("teacher_")} or r.teacher_cached
     if not r.master:
         return
@@ -456,7 +475,7 @@ def finish(r, s):
                         "measure": "cuda max allocated" if "cuda" in r.s_dev else "process max RSS"},
         student_before=s.before, student_after=after, teacher=teacher, eval_split=args.eval_split,
         eval_tokens=after["tokens"], val_loss=after["loss"], val_ppl=after["ppl"],
-        **({f"val_{kl}": after[kl]} if kl in after else {}), teacher_val_loss=teacher.get("loss"))
+        **({f"val_{kl}": after[kl]} if kl in after else {}), teacher_val_loss=teacher.get("loss"), suite_acc=suite_accs)
     common.atomic_json(os.path.join(r.run_dir, "summary.json"), summary)  # last: marks the run done
     if os.path.exists(os.path.join(r.run_dir, "ckpt.pt")):
         os.remove(os.path.join(r.run_dir, "ckpt.pt"))
@@ -465,7 +484,9 @@ def finish(r, s):
                   f"(teacher loss {teacher.get('loss', float('nan')):.4f})" if args.teacher else " (no teacher)")
     print(f"done in {wall:.0f}s: student {args.eval_split} loss {s.before['loss']:.4f} -> {after['loss']:.4f}"
           f"{vs_teacher}; supervised "
-          f"{summary['sup_frac_positions']:.1%} of positions; summary in {args.out_dir}/summary.json")
+          f"{summary['sup_frac_positions']:.1%} of positions"
+          + "".join(f"; suite acc ({k}) {v:.4f}" for k, v in suite_accs.items())
+          + f"; summary in {args.out_dir}/summary.json")
 
 
 # -----------------------------------------------------------------------------

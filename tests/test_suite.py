@@ -10,6 +10,7 @@ import eval as eval_
 import report
 import sandbox
 import suite
+import train
 from common import UserError
 
 WIN = 160  # tokens = bytes here: the byte encoder makes every count checkable by hand
@@ -310,3 +311,29 @@ def test_eval_without_a_built_pair_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("NANO_SEKD_HOME", str(tmp_path))  # no pair built there
     with pytest.raises(UserError, match="not built .* run python sandbox.py"):
         eval_.main([str(tmp_path / "no-model"), "--suite", "sandbox", "--out", str(tmp_path / "o")])
+
+
+def test_train_scores_the_suite_on_both_parts(toy, tmp_path, monkeypatch):
+    home, p = toy
+    monkeypatch.setenv("NANO_SEKD_HOME", str(home))
+    out = tmp_path / "run"
+    train.main(["--teacher", p["teacher"], "--student", p["student"], "--data", p["kd"], "--seq-len", "32",
+                "--tokens", "256", "--eval-tokens", "64", "--batch-size", "4", "--k", "0.5", "--suite", "sandbox",
+                "--out-dir", str(out)])
+    summary = json.load(open(out / "summary.json"))
+    for split, name in (("validation", "eval_validation.json"), ("test", "eval.json")):
+        saved = json.load(open(out / name))
+        assert set(saved) == set(suite.SUITE) and summary["suite_acc"][split] == suite.suite_acc(saved)
+        # the same numbers as eval.py on the saved model (eval.py's own scorers, per-example rows kept)
+        again = eval_.main([str(out), "--suite", "sandbox", "--split", split, "--out", str(tmp_path / "ev"),
+                            "--no-progress"])
+        assert suite.suite_acc(again) == pytest.approx(suite.suite_acc(saved), abs=1e-12)
+        folder = "eval_examples" if split == "test" else "eval_examples_validation"
+        assert all(os.path.getsize(out / folder / f"{t}.jsonl") > 0 for t in suite.SUITE)
+    assert report.load_run(str(out))["eval"] == json.load(open(out / "eval.json"))  # report's suite acc column
+    # a run without --suite writes no eval file, and replacing a suite run (--fresh) removes the stale ones
+    train.main(["--teacher", p["teacher"], "--student", p["student"], "--data", p["kd"], "--seq-len", "32",
+                "--tokens", "256", "--eval-tokens", "64", "--batch-size", "4", "--k", "0.5", "--out-dir", str(out),
+                "--fresh"])
+    assert not (out / "eval.json").exists() and not (out / "eval_examples").exists()
+    assert json.load(open(out / "summary.json"))["suite_acc"] == {}

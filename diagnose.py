@@ -1,0 +1,202 @@
+"""Where selection aims: which positions a score picks, and where each method's student ends up.
+
+    python diagnose.py step1 --preset sandbox       # the near regime: sandbox.py's pretrained pair
+    python diagnose.py step1 --preset tiny          # the far regime: SmolLM2 and its 8-layer cut
+    python diagnose.py step1 --batches 4 --preset sandbox --seed 1   # after step1's own flags, train.py's
+    python diagnose.py quintiles out/lr_sweep/*_lr0.0003/seed*   # held-out numbers by the student's entropy
+
+step1. SE-KD's premise is that the positions where the student is unsure are where its teacher still
+has something to teach. Before any update (the first --batches training batches of a run with --seed),
+for every position metric (selection.METRICS) this picks the top --k of each sequence, as train.py's
+top_k policy does (the train.py flags after step1's own name the run: its pair, text and seed), and prints
+
+    KL on the selected positions / KL on all valid positions,   KL = KL(p_teacher || q_student),
+
+the mean of the per-batch ratios and their range. 1.0 is what random selection gets on average; above 1,
+the metric aims at positions where the student disagrees with its teacher; KL itself is the ceiling.
+
+quintiles. Splits the held-out positions (the runs' text, --split) into five equal groups by the
+undistilled student's entropy H(q) (the same positions for every run), and prints per group the mean
+KL(p || q), the student's CE on the true token and its top-1 accuracy: for the undistilled student, each
+run name (mean ± sd over seeds), and each run name minus --baseline, paired by seed, with a 95% t interval
+(report.paired_stats; * = the interval excludes 0). SE-KD trains on the high-entropy end only: this shows
+what that does to the positions it trains on and to those it never sees.
+"""
+import os
+import sys
+import tempfile
+
+import torch
+
+import common
+import config
+import data
+import heldout
+import models
+import report
+import selection
+import study
+import train
+
+QUINTILES = 5
+
+
+# -----------------------------------------------------------------------------
+# step 1: KL on what a metric selects / KL on the batch
+
+@torch.no_grad()
+def step1(train_argv, k=0.2, batches=8, metrics=None):
+    """({metric: [ratio per batch]}, a line naming the pair) for the first `batches` training batches of
+    the run `train.py *train_argv` would make (its models, text and seed), before any update."""
+    with tempfile.TemporaryDirectory() as tmp:  # train.setup wants an out-dir; nothing is kept in it
+        args = config.parse_args([*train_argv, "--out-dir", tmp, "--no-save-model"])
+        r, s = train.setup(args, study.Shared())
+        train.load_models(r, s)
+        train.load_data(r)
+    r.global_batch = args.batch_size * args.grad_accum * r.world
+    r.steps_per_epoch = len(r.train) // r.global_batch
+    if r.steps_per_epoch < 1:
+        raise common.UserError(f"{' '.join(train_argv)}: fewer training sequences than one batch")
+    seed = args.seed
+    teacher = train.get_teacher(r)
+    Wt = models.head_weight(teacher, r.V).to(r.s_dev)
+    ratios, kl_all = {m: [] for m in metrics or selection.METRICS}, []
+    for step in range(min(batches, r.steps_per_epoch)):
+        idx = train.batch_indices(r, step, 0)
+        x, y, valid = (t[idx].to(r.s_dev) for t in (r.train.input_ids, r.train.targets, r.train.valid))
+        with train.amp(r):
+            hs = models.trunk(r.student, x)  # (B, T, d)
+        ht = train.teacher_states(r, x)  # (B, T, d_t)
+        scores = lambda m: selection.chunked_scores(m, hs, r.Ws, y, ht, Wt, args.entropy_chunk,  # noqa: E731
+                                                    common.generator(seed, step, 0, r.rank))  # train.py's draws
+        kl = scores("kl")  # (B, T) KL(p || q) per position
+        kl_all.append(float(kl[valid].mean()))
+        for m in ratios:
+            sel = selection.POLICIES["top_k"](scores(m), valid, k) > 0
+            ratios[m].append(float(kl[sel].mean() / kl[valid].mean()))
+    head = (f"--preset {args.preset}: teacher {args.teacher}, student {args.student or 'teacher layers ' + args.student_layers}, "
+            f"{len(kl_all)} batches of {args.batch_size} x {args.seq_len}, seed {seed}, k = {k}; "
+            f"mean KL on a batch {sum(kl_all) / len(kl_all):.4f} nats")
+    return ratios, head
+
+
+def format_step1(ratios, head):
+    lines = [head, "", "| metric | KL on selected / KL on batch | min | max |", "|---|---:|---:|---:|"]
+    for m, v in sorted(ratios.items(), key=lambda kv: -sum(kv[1])):
+        lines.append(f"| {m} | {sum(v) / len(v):.3f} | {min(v):.3f} | {max(v):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# quintiles: held-out KL, CE and top-1 by the undistilled student's entropy
+
+PAIR_KEYS = ("teacher", "student", "data", "seq_len", "tokens", "eval_tokens", "seed", "text_field",
+             "tokenizer_backend")  # seed: the held-out split's documents do not depend on it, its order may
+
+
+def _runs(run_dirs):
+    """[(run name, seed, run dir, config)]; every run needs model/ and the same pair and text."""
+    runs = []
+    for d in run_dirs:
+        if not os.path.isfile(os.path.join(d, "config.json")) or not os.path.isdir(os.path.join(d, "model")):
+            raise common.UserError(f"{d}: not a finished train.py run with model/ (quintiles load the model)")
+        cfg = common.read_json(os.path.join(d, "config.json"))
+        if not cfg.get("student"):
+            raise common.UserError(f"{d}: quintiles need a run with --student (the undistilled model to compare)")
+        runs.append((cfg.get("run_name") or os.path.basename(d), cfg.get("seed", 0), d, cfg))
+    for key in PAIR_KEYS[:2]:
+        if len({str(c.get(key)) for *_, c in runs}) > 1:
+            raise common.UserError(f"the runs have different --{key} values: quintiles compare one pair's runs")
+    return runs
+
+
+@torch.no_grad()
+def quintiles(run_dirs, split="test", log=print):
+    """(edges, {name: rows}) where rows[i] = {metric: (QUINTILES,) tensor} for the i-th seed, and name
+    'undistilled' for the student before KD; held-out positions grouped by the undistilled entropy."""
+    runs = _runs(run_dirs)
+    cfg = runs[0][3]
+    tok = models.load_tokenizer(cfg["teacher"])
+    teacher = models.load_model(cfg["teacher"])[0]
+    kw = report.data_kwargs(cfg)
+    kw["seed"] = 0  # the held-out documents are chosen by hash; one order for every run's seed
+    held = data.load_splits(tok, splits=(split,), **kw)[split]
+    V = len(tok)
+
+    def positions(model):
+        return heldout.per_position(model, held.batches(16), teacher, V)
+
+    base = positions(models.load_model(cfg["student"])[0])
+    edges = torch.quantile(base["entropy"], torch.linspace(0, 1, QUINTILES + 1, dtype=torch.float64)[1:-1])
+    group = torch.bucketize(base["entropy"], edges)  # (N,) in 0..QUINTILES-1, by the undistilled entropy
+
+    def by_group(per):
+        return {m: torch.stack([per[m][group == q].mean() for q in range(QUINTILES)]) for m in ("kl", "ce", "top1")}
+
+    out = {"undistilled": {0: by_group(base)}}
+    for run_name, seed, d, _ in runs:
+        log(f"quintiles: {d}")
+        out.setdefault(run_name, {})[seed] = by_group(positions(models.load_model(os.path.join(d, "model"))[0]))
+    return edges, out, int(group.numel())
+
+
+def format_quintiles(edges, out, n, baseline=None):
+    cuts = [0.0] + [float(e) for e in edges] + [float("inf")]
+    head = " | ".join(f"Q{q + 1} H in [{cuts[q]:.2f}, {cuts[q + 1]:.2f})" for q in range(QUINTILES))
+    lines = [f"{n} held-out positions, {n // QUINTILES} a quintile, grouped by the undistilled student's entropy "
+             f"H(q) (Q1 lowest). Mean ± sd over seeds; Δ rows: run - {baseline}, paired by seed, 95% t interval."]
+    for metric, title, fmt in (("kl", "KL(p || q), nats", ".4f"), ("ce", "student CE on the true token, nats", ".4f"),
+                               ("top1", "student top-1 accuracy", ".4f")):
+        lines += ["", f"**{title}**", "", f"| run | n | {head} |", "|---|---:|" + "---:|" * QUINTILES]
+        for name, seeds in out.items():
+            vals = [seeds[s][metric] for s in sorted(seeds)]
+            cells = [report.format_mean_std(report.mean_std([float(v[q]) for v in vals]), fmt) for q in range(QUINTILES)]
+            lines.append(f"| {name} | {len(vals)} | " + " | ".join(cells) + " |")
+        if baseline in out:
+            for name, seeds in out.items():
+                if name in (baseline, "undistilled"):
+                    continue
+                common_seeds = sorted(set(seeds) & set(out[baseline]))
+                cells = [report.format_paired(report.paired_stats(
+                    [float(seeds[s][metric][q] - out[baseline][s][metric][q]) for s in common_seeds]), "+" + fmt)
+                    for q in range(QUINTILES)]
+                lines.append(f"| Δ {name} | {len(common_seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def main(argv=None):
+    ap = common.ArgumentParser(prog="diagnose.py", description="where selection aims (see the module doc)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("step1", help="KL on the selected positions / KL on the batch, every metric, step 1; "
+                       "other flags are train.py's, naming the run (default --preset sandbox)")
+    a.add_argument("--k", type=float, default=0.2, help="fraction of each sequence selected")
+    a.add_argument("--batches", type=int, default=8, help="training batches averaged (before any update)")
+    b = sub.add_parser("quintiles", help="held-out KL, CE, top-1 per quintile of the undistilled entropy")
+    b.add_argument("runs", nargs="+", help="train.py run dirs with model/ (one pair)")
+    b.add_argument("--split", choices=["val", "test"], default="test", help="held-out split of the text")
+    b.add_argument("--baseline", default=None, help="run name the Δ rows subtract (e.g. full_kd)")
+    for p in (a, b):
+        p.add_argument("--out", help="also write the table to this file")
+    args, train_flags = ap.parse_known_args(argv)  # step1: the rest are train.py flags naming the run
+    if train_flags and args.cmd != "step1":
+        ap.error(f"unrecognized arguments: {' '.join(train_flags)}")
+
+    def run():
+        if args.cmd == "step1":
+            if not 0 < args.k <= 1 or args.batches < 1:
+                raise common.UserError("--k must be in (0, 1] and --batches >= 1")
+            text = format_step1(*step1(train_flags or ["--preset", "sandbox"], args.k, args.batches))
+        else:
+            text = format_quintiles(*quintiles(args.runs, args.split), baseline=args.baseline)
+        print(text)
+        if args.out:
+            common.atomic_write(args.out, text)
+
+    common.run_cli(run, "diagnose.py")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
