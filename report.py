@@ -3,6 +3,8 @@
     python report.py --compare RUN... [--compare-baseline NAME] [--compare-out table.md]
     python report.py --plot budget.png --plot-kind budget [--plot-metric auto|acc|loss|kl] RUN...
     python report.py --plot tokens.png --plot-kind entropy RUN
+    python report.py --lr-sweep RUN... [--lr-baseline full_kd] [--compare-out lr.md]   # study.py's lr matrix
+    python report.py --plot lr.png --plot-kind lr RUN...
 
 A run is train.py's --out-dir: RUN/config.json, RUN/summary.json (written last: its presence marks
 the run done), RUN/model/, and after `eval.py RUN` also RUN/eval.json (RUN/eval_validation.json for
@@ -382,6 +384,86 @@ def compare_runs(run_dirs, split="test", refs=True, baseline=None, log=None):
 
 
 # -----------------------------------------------------------------------------
+# the step-size sweep: each method at its own lr, chosen on the suite's validation part
+
+def lr_sweep_data(run_dirs, baseline="full_kd", log=None):
+    """{method: {lr: {seed: {val, test, kl}}}} and {method: chosen lr}. A method is one configuration but
+    for its lr (its label: run_name without the `_lr...` suffix study.py's lr matrix adds); val / test =
+    the suite acc of eval_validation.json / eval.json (train.py --suite), kl = held-out KL(p || q). Each
+    method's lr is the one with the highest mean validation suite acc (ties: the larger lr)."""
+    runs = load_comparable_runs(run_dirs, "test", log)
+    data, names = {}, {}
+    for r in runs:
+        cfg, lr = r["config"], float(r["config"]["lr"])
+        sig = config_signature({k: v for k, v in cfg.items() if k != "lr"})
+        name = str(cfg.get("run_name") or os.path.basename(os.path.dirname(r["dir"])))
+        names.setdefault(sig, name[:name.rfind("_lr")] if "_lr" in name else name)
+        val = read_json(eval_file(r["dir"], "validation")) if os.path.isfile(eval_file(r["dir"], "validation")) else {}
+        row = {"val": suite_acc(val), "test": suite_acc(r["eval"]), "kl": r["heldout"].get("kl_true")}
+        if row["val"] is None or row["test"] is None:
+            raise UserError(f"{r['dir']}: no suite acc on both parts (train.py --suite sandbox writes them)")
+        data.setdefault(names[sig], {}).setdefault(lr, {})[cfg.get("seed")] = row
+    chosen = {m: max(by_lr, key=lambda lr: (statistics.fmean(v["val"] for v in by_lr[lr].values()), lr))
+              for m, by_lr in data.items()}
+    if baseline not in data:
+        raise UserError(f"--lr-baseline {baseline!r} is not a method here; have {sorted(data)}")
+    return data, chosen
+
+
+def lr_sweep_table(run_dirs, baseline="full_kd", log=None):
+    """Two markdown tables: every (method, lr) with suite acc on both parts, held-out KL and the test Δ
+    to the baseline at the same lr; then best against best: each method at its chosen lr, its test suite
+    acc and held-out KL, each with the per-seed Δ to the baseline at the baseline's own chosen lr."""
+    data, chosen = lr_sweep_data(run_dirs, baseline, log)
+
+    def cell(by_seed, key, fmt=".4f"):
+        return format_mean_std(mean_std([v[key] for v in by_seed.values()]), fmt)
+
+    def delta(by_seed, base, key):
+        return format_paired(paired_stats([v[key] - base[s][key] for s, v in by_seed.items() if s in base]), "+.4f")
+
+    lines = ["| method | lr | n | suite acc (val) | suite acc (test) | Δ test vs " + baseline + " (same lr) | "
+             "held-out KL |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for m, by_lr in data.items():
+        for lr in sorted(by_lr, reverse=True):
+            runs, base = by_lr[lr], data[baseline].get(lr, {})
+            mark = " (chosen)" if lr == chosen[m] else ""
+            lines.append(f"| {m} | {lr:g}{mark} | {len(runs)} | {cell(runs, 'val')} | {cell(runs, 'test')} | "
+                         f"{delta(runs, base, 'test') if m != baseline else '-'} | {cell(runs, 'kl')} |")
+    base = data[baseline][chosen[baseline]]
+    lines += ["", f"Best against best (each method at the lr its validation suite acc chose; Δ: per-seed "
+              f"difference to {baseline} at lr {chosen[baseline]:g}, 95% t interval, * = excludes 0):", "",
+              "| method | chosen lr | n | suite acc (test) | Δ suite acc | held-out KL | Δ KL |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for m in data:
+        runs = data[m][chosen[m]]
+        dd = (lambda key: "-") if m == baseline else (lambda key: delta(runs, base, key))  # noqa: E731
+        lines.append(f"| {m} | {chosen[m]:g} | {len(runs)} | {cell(runs, 'test')} | {dd('test')} | "
+                     f"{cell(runs, 'kl')} | {dd('kl')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_lr(run_dirs, path, baseline="full_kd"):
+    """Suite acc (validation part) and held-out KL against lr, one line per method (mean ± sd over seeds)."""
+    plt = _pyplot()
+    data, chosen = lr_sweep_data(run_dirs, baseline)
+    fig, axs = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axs[0], "val", "suite acc (validation part)"), (axs[1], "kl", "held-out KL(p || q)")):
+        for m, by_lr in data.items():
+            lrs = sorted(by_lr)
+            ms = [mean_std([v[key] for v in by_lr[lr].values()]) for lr in lrs]
+            ax.errorbar(lrs, [x[0] for x in ms], yerr=[x[1] for x in ms], marker="o", capsize=3, label=m)
+        ax.set_xscale("log")
+        ax.set_xlabel("peak lr")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save_figure(fig, path)
+    plt.close(fig)
+    return data, chosen
+
+
+# -----------------------------------------------------------------------------
 # figures
 
 def _pyplot():
@@ -628,7 +710,11 @@ def get_parser():
     a("--split", choices=["validation", "test"], default="test",
       help="which eval file to read: eval.json (test) or eval_validation.json")
     a("--plot", metavar="FILE.png", help="draw a figure (needs matplotlib)")
-    a("--plot-kind", choices=["budget", "entropy"], default="budget")
+    a("--plot-kind", choices=["budget", "entropy", "lr"], default="budget",
+      help="lr: suite acc and held-out KL against lr (study.py's lr matrix)")
+    a("--lr-sweep", nargs="+", metavar="RUN", help="the step-size tables: every (method, lr), then each method "
+      "at the lr its validation suite acc chose (study.py's lr matrix)")
+    a("--lr-baseline", default="full_kd", help="--lr-sweep / --plot-kind lr: the method the Δ columns subtract")
     a("--plot-metric", choices=["auto", "acc", "loss", "kl"], default="auto",
       help="budget: y axis (auto: benchmark Acc when every run has eval.json, else held-out loss)")
     a("--plot-tokens", type=int, default=128, help="entropy: tokens shown")
@@ -638,9 +724,14 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    if not args.compare and not args.plot:
-        raise UserError("nothing to do: give --compare RUN... or --plot FILE RUN...")
+    if not args.compare and not args.plot and not args.lr_sweep:
+        raise UserError("nothing to do: give --compare RUN..., --lr-sweep RUN... or --plot FILE RUN...")
     result = None
+    if args.lr_sweep:
+        result = lr_sweep_table(args.lr_sweep + args.runs, args.lr_baseline)
+        print(result, end="")
+        if args.compare_out:
+            atomic_write(args.compare_out, result)
     if args.compare:
         result = compare_runs(args.compare + args.runs, args.split, baseline=args.compare_baseline)
         print(result, end="")
@@ -650,6 +741,8 @@ def main(argv=None):
         runs = args.runs or args.compare or []
         if args.plot_kind == "budget":
             return plot_budget(runs, args.plot, args.plot_metric, args.split)
+        if args.plot_kind == "lr":
+            return plot_lr(args.runs or args.lr_sweep or args.compare or [], args.plot, args.lr_baseline)
         if len(runs) != 1 or not os.path.isdir(os.path.join(runs[0], "model")):
             raise UserError("--plot-kind entropy needs exactly one run directory (with RUN/model)")
         return plot_entropy_run(runs[0], args.plot, args.plot_tokens, args.device)

@@ -1,4 +1,5 @@
 """Tests for report.py: the compare table and the figures from fake run dirs (no model trained)."""
+import importlib.util
 import json
 import math
 import os
@@ -311,3 +312,38 @@ def test_plot_needs_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     with pytest.raises(UserError, match="--plot needs matplotlib: pip install matplotlib"):
         R.plot_entropy_tokens(["a"], [0.5], [True], str(tmp_path / "x.png"))
+
+
+def suite_eval(acc):
+    return {"next_indent": {"acc": acc}, "line_end": {"acc_norm": acc}}
+
+
+def test_lr_sweep_chooses_on_validation_and_pairs_by_seed(tmp_path):
+    # (method, lr) -> per seed (val acc, test acc): SE-KD is best at 1e-4 on val, Full KD at 1e-3
+    accs = {("full_kd", 1e-3): [(0.60, 0.50), (0.62, 0.52)], ("full_kd", 1e-4): [(0.55, 0.60), (0.55, 0.61)],
+            ("se", 1e-3): [(0.40, 0.70), (0.40, 0.72)], ("se", 1e-4): [(0.65, 0.55), (0.66, 0.58)]}
+    runs = []
+    for (m, lr), seeds in accs.items():
+        for seed, (val, test) in enumerate(seeds):
+            d = fake_run(tmp_path, f"{m}_lr{lr:g}/seed{seed}", f"{m}_lr{lr:g}", seed, 2.0,
+                         {"lr": lr, "k": 0.2 if m == "se" else 1.0}, ev=suite_eval(test), after={"kl_to_teacher": lr})
+            (tmp_path / f"{m}_lr{lr:g}/seed{seed}" / "eval_validation.json").write_text(json.dumps(suite_eval(val)))
+            runs.append(d)
+    data, chosen = R.lr_sweep_data(runs)
+    assert chosen == {"full_kd": 1e-3, "se": 1e-4}  # on validation, although test would pick the others
+    assert data["se"][1e-4][1] == {"val": 0.66, "test": 0.58, "kl": 1e-4}
+    text = R.main(["--lr-sweep", *runs])
+    best = text.split("Best against best")[1]
+    # SE-KD at 1e-4 minus Full KD at 1e-3, per seed: +0.05, +0.06 -> mean +0.055
+    se_row = [line for line in best.splitlines() if line.startswith("| se |")][0]
+    assert "| 0.0001 | 2 | 0.5650 ± 0.0212 | +0.0550 [" in se_row
+    same_lr = [line for line in text.splitlines() if line.startswith("| se | 0.001 |")][0]
+    assert "+0.2000 [+0.2000, +0.2000] *" in same_lr  # identical differences: called
+    with pytest.raises(UserError, match="--lr-baseline"):
+        R.lr_sweep_data(runs, baseline="nope")
+    if importlib.util.find_spec("matplotlib"):
+        R.main(["--plot", str(tmp_path / "lr.png"), "--plot-kind", "lr", *runs])
+        assert (tmp_path / "lr.png").read_bytes()[:4] == b"\x89PNG"
+    os.remove(tmp_path / "se_lr0.0001/seed0/eval_validation.json")
+    with pytest.raises(UserError, match="both parts"):
+        R.lr_sweep_data(runs)
