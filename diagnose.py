@@ -6,9 +6,10 @@
     python diagnose.py quintiles out/lr_sweep/*_lr0.0003/seed*   # held-out numbers by the student's entropy
 
 step1. SE-KD's premise is that the positions where the student is unsure are where its teacher still
-has something to teach. Before any update (the first --batches training batches of a run with --seed),
+has something to teach. Before any update (the first --batches training batches),
 for every position metric (selection.METRICS) this picks the top --k of each sequence, as train.py's
-top_k policy does (the train.py flags after step1's own name the run: its pair, text and seed), and prints
+top_k policy does (the train.py flags after step1's own name the run: its pair, text and seed; the
+batches are the training split's first, in fp32), and prints
 
     KL on the selected positions / KL on all valid positions,   KL = KL(p_teacher || q_student),
 
@@ -35,8 +36,6 @@ import heldout
 import models
 import report
 import selection
-import study
-import train
 
 QUINTILES = 5
 
@@ -46,37 +45,38 @@ QUINTILES = 5
 
 @torch.no_grad()
 def step1(train_argv, k=0.2, batches=8, metrics=None):
-    """({metric: [ratio per batch]}, a line naming the pair) for the first `batches` training batches of
-    the run `train.py *train_argv` would make (its models, text and seed), before any update."""
-    with tempfile.TemporaryDirectory() as tmp:  # train.setup wants an out-dir; nothing is kept in it
-        args = config.parse_args([*train_argv, "--out-dir", tmp, "--no-save-model"])
-        r, s = train.setup(args, study.Shared())
-        train.load_models(r, s)
-        train.load_data(r)
-    r.global_batch = args.batch_size * args.grad_accum * r.world
-    r.steps_per_epoch = len(r.train) // r.global_batch
-    if r.steps_per_epoch < 1:
-        raise common.UserError(f"{' '.join(train_argv)}: fewer training sequences than one batch")
-    seed = args.seed
-    teacher = train.get_teacher(r)
-    Wt = models.head_weight(teacher, r.V).to(r.s_dev)
+    """({metric: [ratio per batch]}, a line naming the pair) for the first `batches` batches of the training
+    split of the run `train.py *train_argv` would make (its pair, text and seed), before any update, in fp32."""
+    args = config.parse_args([*train_argv, "--out-dir", tempfile.gettempdir()])  # presets and checks only
+    tok = models.load_tokenizer(args.teacher)
+    teacher, _ = models.load_model(args.teacher)
+    if args.student:
+        student, s_tok = models.load_model(args.student, flag="--student")
+        V = models.check_vocab(tok, s_tok)
+    else:  # the tiny preset's student: the teacher with --student-layers kept
+        keep = models.parse_layers(args.student_layers, teacher.config.num_hidden_layers)
+        student, V = models.layer_dropped_student(lambda: teacher, keep, "cpu", tok), len(tok)
+    rows = data.load_splits(tok, args.data, args.seq_len, args.tokens, args.eval_tokens, args.seed, args.text_field,
+                            args.tokenizer_backend, models.tokenizer_fingerprint(tok))["train"]
+    Ws, Wt = models.head_weight(student, V), models.head_weight(teacher, V)
     ratios, kl_all = {m: [] for m in metrics or selection.METRICS}, []
-    for step in range(min(batches, r.steps_per_epoch)):
-        idx = train.batch_indices(r, step, 0)
-        x, y, valid = (t[idx].to(r.s_dev) for t in (r.train.input_ids, r.train.targets, r.train.valid))
-        with train.amp(r):
-            hs = models.trunk(r.student, x)  # (B, T, d)
-        ht = train.teacher_states(r, x)  # (B, T, d_t)
-        scores = lambda m: selection.chunked_scores(m, hs, r.Ws, y, ht, Wt, args.entropy_chunk,  # noqa: E731
-                                                    common.generator(seed, step, 0, r.rank))  # train.py's draws
+    for step, (x, y, valid) in enumerate(rows.batches(args.batch_size)):
+        if step == batches:
+            break
+        hs, ht = models.trunk(student, x), models.trunk(teacher, x)  # (B, T, d), (B, T, d_t)
+        scores = lambda m: selection.chunked_scores(m, hs, Ws, y, ht, Wt, args.entropy_chunk,  # noqa: E731
+                                                    common.generator(args.seed, step))
         kl = scores("kl")  # (B, T) KL(p || q) per position
         kl_all.append(float(kl[valid].mean()))
         for m in ratios:
             sel = selection.POLICIES["top_k"](scores(m), valid, k) > 0
             ratios[m].append(float(kl[sel].mean() / kl[valid].mean()))
-    head = (f"--preset {args.preset}: teacher {args.teacher}, student {args.student or 'teacher layers ' + args.student_layers}, "
-            f"{len(kl_all)} batches of {args.batch_size} x {args.seq_len}, seed {seed}, k = {k}; "
-            f"mean KL on a batch {sum(kl_all) / len(kl_all):.4f} nats")
+    if not kl_all:
+        raise common.UserError(f"{' '.join(train_argv)}: no training batch to read")
+    student_name = args.student or f"teacher layers {args.student_layers}"
+    head = (f"--preset {args.preset}: teacher {args.teacher}, student {student_name}, {len(kl_all)} batches of "
+            f"{args.batch_size} x {args.seq_len}, seed {args.seed}, k = {k}; mean KL on a batch "
+            f"{sum(kl_all) / len(kl_all):.4f} nats")
     return ratios, head
 
 

@@ -35,12 +35,7 @@ def test_step1_ratios(toy):
     # student entropy's ratio, recomputed densely from step 1's batch
     teacher, tok = models.load_model(toy["teacher"])
     student, _ = models.load_model(toy["student"])
-    splits = data.load_splits(tok, toy["kd"], 32, 512, 128, 1)
-    from types import SimpleNamespace
-    r = SimpleNamespace(args=SimpleNamespace(grad_accum=1, seed=1, batch_size=4), world=1, rank=0,
-                        train=splits["train"], steps_per_epoch=len(splits["train"]) // 4)
-    x, y, valid = (t[train.batch_indices(r, 0, 0)] for t in (splits["train"].input_ids, splits["train"].targets,
-                                                             splits["train"].valid))
+    x, y, valid = next(data.load_splits(tok, toy["kd"], 32, 512, 128, 1)["train"].batches(4))  # batch 1
     with torch.no_grad():
         q, p = (m(x).logits[..., :len(tok)].float() for m in (student, teacher))
     kl = selection.kl(q, p, y)
