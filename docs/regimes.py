@@ -2,6 +2,7 @@
 intervals in the far regime (the tiny preset's cut student) and the near one (the sandbox pair).
 
     python docs/regimes.py --far docs/results/runs --near docs/results/sandbox/runs > docs/results/regimes.md
+    python docs/regimes.py --study out/study > docs/results/study.md   # the near study with the suite
     python docs/regimes.py --curve RUN... --curve-png docs/results/sandbox_curve.png   # runs with --eval-every
 
 A run directory is RUN_ROOT/<run name>/seed<k>/summary.json (train.py --matrix layout). A cell is the mean of
@@ -37,6 +38,9 @@ METRICS = {  # column -> value from a summary (None when absent)
     "ΔKL": lambda s: s["student_after"].get("kl_to_teacher"),
     "Δloss": lambda s: s["student_after"].get("loss"),
     "Δprobe acc": lambda s: s["student_after"].get("probe_acc"),
+    # the downstream suite (train.py --suite sandbox): its average accuracy on each part
+    "Δsuite acc (test)": lambda s: (s.get("suite_acc") or {}).get("test"),
+    "Δsuite acc (val)": lambda s: (s.get("suite_acc") or {}).get("validation"),
     # the probe's mean NLL per target word (log of its word PPL): finer than the accuracy
     "Δprobe NLL": lambda s: math.log(s["student_after"]["probe_ppl"]) if "probe_ppl" in s["student_after"] else None,
 }
@@ -80,6 +84,28 @@ def table(far, near, times=None, times_label=""):
     return "\n".join(lines) + "\n"
 
 
+def study_table(near):
+    """The near study with the suite: per method its downstream suite accuracy (test part) beside the held-out
+    KL and loss, each a paired difference to Full KD; Full KD's own values in its row."""
+    cols = ["Δsuite acc (test)", "Δsuite acc (val)", "ΔKL", "Δloss"]
+    head = ["method", "sup. pos", "sup. samples", "suite acc (test)", *cols, "train time / Full KD", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    seen = set()
+    for name in ["full_kd"] + ROWS:
+        if name in seen or not near.get(name):
+            continue
+        seen.add(name)
+        runs = near[name]
+        any_run = next(iter(runs.values()))
+        acc = report.mean_std([METRICS["Δsuite acc (test)"](r) for r in runs.values()])
+        cells = ["-"] * len(cols) if name == "full_kd" else [cell(near, name, METRICS[c]) for c in cols]
+        lines.append("| " + " | ".join([
+            name, f"{any_run['sup_frac_positions']:.2f}", f"{any_run['sup_frac_samples']:.2f}",
+            report.format_mean_std(acc, ".4f"), *cells,
+            "1.00" if name == "full_kd" else train_ratio(near, name), str(len(runs))]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def curve(run_dir):
     """[(training tokens, held-out KL)] of a run with --eval-every, from before training to the end."""
     with open(os.path.join(run_dir, "summary.json")) as f:
@@ -114,6 +140,7 @@ def main(argv=None):
     ap.add_argument("--near", help="run root of the near regime (sandbox study)")
     ap.add_argument("--times", help="run root for the train-time column (default: --near)")
     ap.add_argument("--times-label", default="", help="--times: what to append to that column's header")
+    ap.add_argument("--study", help="run root of a sandbox study with the suite: its table alone")
     ap.add_argument("--curve", nargs="+", help="runs made with --eval-every: print their held-out KL curves")
     ap.add_argument("--curve-png", help="--curve: also draw them here")
     ap.add_argument("--mark", type=float, help="--curve-png: a vertical line at this many tokens")
@@ -123,6 +150,8 @@ def main(argv=None):
             print(os.path.basename(os.path.normpath(d)), " ".join(f"{t // 1024}k:{v:.3f}" for t, v in curve(d)))
         if args.curve_png:
             plot_curves(args.curve, args.curve_png, args.mark)
+    if args.study:
+        sys.stdout.write(study_table(load(args.study)))
     if args.far and args.near:
         sys.stdout.write(table(load(args.far), load(args.near), load(args.times) if args.times else None,
                                args.times_label))
