@@ -16,7 +16,7 @@ every flag but the seed (and the flags that only place, name or log a run: NOT_C
 labelled by run_name (the label without the seed; the directory's name without one). Two
 configurations under one label are two rows, each label followed by the flags it differs in: runs of
 different flags are never averaged. Cells are mean ± sample std over the group's seeds (± 0 for one
-seed). Columns, left out when no row has them:
+seed). Columns, left out when no row has them (the headline, Acc or suite acc, first):
   held-out loss / PPL / top-1 agree / ECE  the student after distillation on the held-out split of
                                            the *training text* (summary.json's student_after)
   probe acc              LAMBADA-style last-word accuracy (a fraction) on train.py's --probe file
@@ -750,6 +750,9 @@ def main(argv=None):
 
 
 COLUMNS = [  # (header, format, row -> value or None); row = load_run() or a reference_rows() entry
+    # the headline first, as in the paper's tables: benchmark accuracy (or the sandbox suite's)
+    ("Acc", ".4f", lambda r: paper_average(r["eval"])),
+    ("suite acc", ".4f", lambda r: suite_acc(r["eval"])),  # the sandbox suite's average (suite.py)
     ("held-out loss", ".4f", lambda r: r["heldout"].get("loss")),
     ("held-out PPL", ".2f", lambda r: r["heldout"].get("ppl")),
     ("KL(p‖q)", ".4f", lambda r: r["heldout"].get("kl_true")),
@@ -757,8 +760,6 @@ COLUMNS = [  # (header, format, row -> value or None); row = load_run() or a ref
     ("top-1 agree", ".4f", lambda r: r["heldout"].get("top1_agree")),
     ("held-out ECE", ".4f", lambda r: r["heldout"].get("ece")),
     ("probe acc", ".4f", lambda r: r["heldout"].get("probe_acc")),  # a fraction, train.py --probe
-    ("Acc", ".4f", lambda r: paper_average(r["eval"])),
-    ("suite acc", ".4f", lambda r: suite_acc(r["eval"])),  # the sandbox suite's average (suite.py)
     ("LAMBADA PPL", ".2f", lambda r: _get(r["eval"], "lambada", "ppl")),
     ("LAMBADA ECE", ".4f", lambda r: _get(r["eval"], "lambada", "ece_greedy_word")
      if _get(r["eval"], "lambada", "ece_greedy_word") is not None else _get(r["eval"], "lambada", "ece")),
