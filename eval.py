@@ -627,6 +627,17 @@ def evaluate(model, tokenizer, tasks, split="test", data_dir=None, limit=None, b
     return results
 
 
+def score_parts(model, tokenizer, tasks, out_dir, splits=("validation", "test"), batch_size=64):
+    """`tasks` on each of `splits`, written as `eval.py RUN --split S` writes them (report.eval_file and the
+    per-example rows under out_dir): {split: {task: metrics}}. train.py --suite calls it after training."""
+    out = {}
+    for split in splits:
+        out[split] = evaluate(model, tokenizer, list(tasks), split, out_dir=out_dir, batch_size=batch_size,
+                              progress=False)
+        atomic_json(report.eval_file(out_dir, split), out[split])
+    return out
+
+
 def _ifeval_dir(out_dir, split):
     """IFEval's responses and verdicts: OUT/ifeval/ (OUT/ifeval_validation/ ...); None without OUT."""
     return os.path.join(out_dir, "ifeval" if split == "test" else f"ifeval_{split}") if out_dir else None

@@ -30,7 +30,6 @@ import fused_head
 import heldout
 import losses
 import models
-import report  # eval.json's path
 import selection
 import study
 import suite  # suite_acc: the downstream suite's headline
@@ -439,19 +438,14 @@ def evaluate(r, s, probe=True):
 
 
 def score_suite(r, s):
-    """The downstream suite (--suite) on its validation and test parts: {split: suite acc}. Writes the files
-    `eval.py RUN --suite S` writes (eval.json, eval_validation.json, per-example rows), so report.py reads both."""
-    t0, accs = time.time(), {}
+    """--suite on its validation and test parts: {split: suite acc}; writes what `eval.py RUN --suite S` would."""
+    t0 = time.time()
     r.student.eval()
     with amp(r):
-        for split in ("validation", "test"):
-            results = eval_.evaluate(r.student, r.tok, list(eval_.SUITES[r.args.suite]), split, out_dir=r.run_dir,
-                                     batch_size=64, progress=False)
-            common.atomic_json(report.eval_file(r.run_dir, split), results)
-            accs[split] = suite.suite_acc(results)
+        results = eval_.score_parts(r.student, r.tok, eval_.SUITES[r.args.suite], r.run_dir)
     r.student.train()
     s.timing["eval_s"] += time.time() - t0
-    return accs
+    return {split: suite.suite_acc(res) for split, res in results.items()}
 
 
 def finish(r, s):
