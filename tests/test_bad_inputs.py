@@ -107,11 +107,18 @@ def train_exit(tiny_dir, tmp_path, extra):
     (["--out-dir", "{tmp}/a_file/run"], "a_file, which is a file"),
     (["--k", "abc"], "argument --k: invalid float value: 'abc'"),
     (["--policy", "nope"], "argument --policy: invalid choice: 'nope'"),
+    (["--suite", "nope"], "argument --suite: invalid choice: 'nope'"),
 ])
 def test_train_errors_are_one_line_before_any_model(tiny_dir, tmp_path, capsys, no_models, extra, words):
     line = one_line(capsys, train_exit(tiny_dir, tmp_path, extra).code)
     assert words.replace("{tmp}", str(tmp_path)) in line
     assert not (tmp_path / "out").exists()  # refused before the out-dir is touched
+
+
+def test_suite_without_a_built_pair_is_one_line(tiny_dir, tmp_path, capsys, no_models, monkeypatch):
+    monkeypatch.setenv("NANO_SEKD_HOME", str(tmp_path / "home"))  # nothing built there
+    line = one_line(capsys, train_exit(tiny_dir, tmp_path, ["--suite", "sandbox"]).code)
+    assert "--suite sandbox: the pair is not built" in line and "python sandbox.py" in line
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory")
@@ -271,8 +278,25 @@ def test_cache_inspect_refuses_a_truncated_shard_record(tmp_path, capsys):
     (["--compare", "{tmp}/a_file"], "{tmp}/a_file: no config.json"),
     (["--plot-kind", "nope"], "argument --plot-kind: invalid choice: 'nope'"),
     ([], "nothing to do"),
+    (["--lr-sweep", "{tmp}/nope"], "run directory not found: {tmp}/nope"),
 ])
 def test_report_errors_are_one_line(tmp_path, capsys, argv, words):
     (tmp_path / "a_file").mkdir()
     line = one_line(capsys, run(report.main, [a.replace("{tmp}", str(tmp_path)) for a in argv], "report.py"))
     assert line.startswith("report.py: error: ") and words.replace("{tmp}", str(tmp_path)) in line
+
+
+# -----------------------------------------------------------------------------
+# diagnose.py
+
+@pytest.mark.parametrize("argv,words", [
+    (["quintiles", "{tmp}/a_file"], "not a finished train.py run with model/"),
+    (["step1", "--k", "2"], "--k must be in (0, 1]"),
+    (["step1", "--batches", "0"], "--batches >= 1"),
+    (["quintiles", "{tmp}/a_file", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_diagnose_errors_are_one_line(tmp_path, capsys, no_models, argv, words):
+    import diagnose
+    (tmp_path / "a_file").mkdir()
+    line = one_line(capsys, run(diagnose.main, [a.replace("{tmp}", str(tmp_path)) for a in argv], "diagnose.py"))
+    assert line.startswith("diagnose.py: error: ") and words in line
