@@ -6,8 +6,8 @@ teach a student that already knows most of them?). The sandbox builds a pair in 
 from the Python standard library (present on every machine), with this project's own code:
 
     python sandbox.py                # build (or reuse) the pair under ~/.cache/nano-sekd/sandbox-v1 (~10 min)
-    python train.py --preset sandbox --k 0.2                 # one SE-KD run on the pair (~50 s)
-    python sandbox.py --study        # build, then study.py: Tables 2-4 and the budget sweeps, 5 seeds (~54 min)
+    python train.py --preset sandbox --k 0.2                 # one SE-KD run on the pair (~50 s, suite acc included)
+    python sandbox.py --study        # build, then study.py: Tables 2-4 and the budget sweeps, 5 seeds (~45 s a run)
 
 What `build` does (each step skips if its output exists; outputs are written atomically):
   1. corpus: every stdlib .py file goes, by a hash of its path, to `pretrain` (60%), `kd` (35%) or
