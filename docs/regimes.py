@@ -86,9 +86,10 @@ def table(far, near, times=None, times_label=""):
 
 def study_table(near):
     """The near study with the suite: per method its downstream suite accuracy (test part) beside the held-out
-    KL and loss, each a paired difference to Full KD; Full KD's own values in its row."""
+    KL and loss, each a paired difference to Full KD; Full KD's own values in its row. No time column: a
+    study that shares its cores says nothing about cost (the 64-step study's column does, in table())."""
     cols = ["Δsuite acc (test)", "Δsuite acc (val)", "ΔKL", "Δloss"]
-    head = ["method", "sup. pos", "sup. samples", "suite acc (test)", *cols, "train time / Full KD", "seeds"]
+    head = ["method", "sup. pos", "sup. samples", "suite acc (test)", *cols, "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     seen = set()
     for name in ["full_kd"] + ROWS:
@@ -101,8 +102,7 @@ def study_table(near):
         cells = ["-"] * len(cols) if name == "full_kd" else [cell(near, name, METRICS[c]) for c in cols]
         lines.append("| " + " | ".join([
             name, f"{any_run['sup_frac_positions']:.2f}", f"{any_run['sup_frac_samples']:.2f}",
-            report.format_mean_std(acc, ".4f"), *cells,
-            "1.00" if name == "full_kd" else train_ratio(near, name), str(len(runs))]) + " |")
+            report.format_mean_std(acc, ".4f"), *cells, str(len(runs))]) + " |")
     return "\n".join(lines) + "\n"
 
 
