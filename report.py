@@ -243,7 +243,7 @@ def choice_ece_average(results):
 # keeps the two in step), the seed a row averages over, and train.py's records of the machine
 NOT_CONFIG = frozenset(("out_dir", "run_name", "resume", "log_every", "eval_every", "ckpt_every", "save_model",
                         "teacher_memo_gb", "keep_freed_memory", "head", "matrix", "seeds", "debug", "fresh",
-                        "seed", "config_key", "git_hash", "devices"))
+                        "seed", "config_key", "git_hash", "devices", "same_as"))  # same_as: a copied run (study.py)
 # the flags that fix the held-out text and the teacher the reference rows were measured with
 HELDOUT_FLAGS = ("teacher", "student", "student_layers", "data", "text_field", "task", "task_data", "seq_len",
                  "eval_tokens", "eval_split", "dtype")

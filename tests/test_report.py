@@ -347,3 +347,12 @@ def test_lr_sweep_chooses_on_validation_and_pairs_by_seed(tmp_path):
     os.remove(tmp_path / "se_lr0.0001/seed0/eval_validation.json")
     with pytest.raises(UserError, match="both parts"):
         R.lr_sweep_data(runs)
+
+
+def test_a_copied_run_groups_with_the_runs_of_its_configuration(tmp_path):
+    # study.copy_same_run writes same_as into the copy's config.json: it names the source, not a flag
+    runs = [fake_run(tmp_path, "full_kd/seed0", "full_kd", 0, 1.9, {"same_as": "out/x_lr0.003/seed0"}),
+            fake_run(tmp_path, "full_kd/seed1", "full_kd", 1, 1.8, {"same_as": "out/x_lr0.003/seed1"}),
+            fake_run(tmp_path, "se/seed0", "se", 0, 2.0, {"k": 0.2}), fake_run(tmp_path, "se/seed1", "se", 1, 2.2, {"k": 0.2})]
+    _, rows = table_rows(R.compare_runs(runs, refs=False, baseline="full_kd"))
+    assert set(rows) == {"full_kd", "se"} and rows["full_kd"]["n"] == "2"
