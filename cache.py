@@ -698,7 +698,6 @@ def load_selection(path, config):
     return torch.tensor(d["kept_ids"], dtype=torch.int64)
 
 
-
 def cached_selection(root, config, select, save=True):
     """The kept sample ids for `config`, from root/selections/<hash of config>.json when a run already scored
     them (the other runs of a table reuse one scoring), else select() and (when `save`) store them there."""

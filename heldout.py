@@ -122,23 +122,24 @@ def heldout_metrics_sparse(student, batches, teacher_cache, sample_ids, vocab_si
 
 
 @torch.no_grad()
-def per_position(student, batches, teacher, vocab_size=None, chunk_size=1024, teacher_states=None):
+def per_position(student, batches, teacher, vocab_size=None, chunk_size=1024):
     """heldout_metrics' numbers position by position, for tables that split the held-out positions into
     groups: {entropy H(q), kl KL(p || q), ce -log q(y), top1 [argmax q == y]}, each (N,) float64 over
     the valid positions of `batches` in order (so two students' rows line up position by position)."""
     device = next(student.parameters()).device
-    teacher_states = teacher_states or (lambda x: models.trunk(teacher, x.to(device)))
     Ws = matmul_weight(models.head_weight(student, vocab_size))  # (V, d)
     Wt = matmul_weight(models.head_weight(teacher, vocab_size))  # (V, d_t)
     out = {"entropy": [], "kl": [], "ce": [], "top1": []}
     for input_ids, targets, valid in batches:
         v = valid.to(device)
-        hs, ht, y = models.trunk(student, input_ids.to(device))[v], teacher_states(input_ids)[v], targets.to(device)[v]
+        hs, y = models.trunk(student, input_ids.to(device))[v], targets.to(device)[v]
+        ht = models.trunk(teacher, input_ids.to(device))[v]
         for i0, i1 in row_chunks(hs.shape[0], chunk_size):
-            ls = losses.log_probs((hs[i0:i1] @ Ws.T).float())  # (n, V)
+            zs = (hs[i0:i1] @ Ws.T).float()  # (n, V) student logits
+            ls = losses.log_probs(zs)
             lt = losses.log_probs((ht[i0:i1] @ Wt.T).float())  # (n, V)
             yc = y[i0:i1]
-            out["entropy"].append(-(ls.exp() * ls).sum(-1))
+            out["entropy"].append(losses.entropy(zs))
             out["kl"].append(losses.kl_from_log_probs(ls, lt))
             out["ce"].append(-ls.gather(1, yc[:, None])[:, 0])
             out["top1"].append((ls.argmax(-1) == yc).float())

@@ -398,7 +398,7 @@ def lr_sweep_data(run_dirs, baseline="full_kd", log=None):
         sig = config_signature({k: v for k, v in cfg.items() if k != "lr"})
         name = str(cfg.get("run_name") or os.path.basename(os.path.dirname(r["dir"])))
         names.setdefault(sig, name[:name.rfind("_lr")] if "_lr" in name else name)
-        val = read_json(eval_file(r["dir"], "validation")) if os.path.isfile(eval_file(r["dir"], "validation")) else {}
+        val = load_run(r["dir"], "validation")["eval"]
         row = {"val": suite_acc(val), "test": suite_acc(r["eval"]), "kl": r["heldout"].get("kl_true")}
         if row["val"] is None or row["test"] is None:
             raise UserError(f"{r['dir']}: no suite acc on both parts (train.py --suite sandbox writes them)")
@@ -738,11 +738,11 @@ def main(argv=None):
         if args.compare_out:
             atomic_write(args.compare_out, result)
     if args.plot:
-        runs = args.runs or args.compare or []
+        runs = args.runs or args.lr_sweep or args.compare or []
         if args.plot_kind == "budget":
             return plot_budget(runs, args.plot, args.plot_metric, args.split)
         if args.plot_kind == "lr":
-            return plot_lr(args.runs or args.lr_sweep or args.compare or [], args.plot, args.lr_baseline)
+            return plot_lr(runs, args.plot, args.lr_baseline)
         if len(runs) != 1 or not os.path.isdir(os.path.join(runs[0], "model")):
             raise UserError("--plot-kind entropy needs exactly one run directory (with RUN/model)")
         return plot_entropy_run(runs[0], args.plot, args.plot_tokens, args.device)

@@ -241,8 +241,10 @@ def copy_same_run(root, out, name, key):
             summary = dict(json.load(f), run_name=name, same_as=src)
         stage = os.path.join(out, STAGE)  # staged, then published: a stale run in `out` stays until then
         shutil.rmtree(stage, ignore_errors=True)
-        for f in ("metrics.jsonl", "eval.json", "eval_validation.json", "eval_examples", "eval_examples_validation"):
-            if os.path.isdir(os.path.join(src, f)):  # the suite's per-example rows (the model is not copied)
+        for f in RUN_FILES:  # its records and the suite's files: not its config (rewritten below), model or ckpt
+            if f in ("config.json", "ckpt.pt", "model"):
+                continue
+            if os.path.isdir(os.path.join(src, f)):  # the suite's per-example rows
                 shutil.copytree(os.path.join(src, f), os.path.join(stage, f))
             elif os.path.isfile(os.path.join(src, f)):
                 with open(os.path.join(src, f)) as fh:

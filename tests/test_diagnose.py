@@ -81,3 +81,12 @@ def test_quintiles(toy, tmp_path):
 def test_quintiles_refuse_a_run_without_a_model(tmp_path):
     with pytest.raises(UserError, match="model/"):
         diagnose.quintiles([str(tmp_path)])
+
+
+def test_quintiles_refuse_runs_on_other_held_out_text(tmp_path):
+    for name, seq_len in (("a", 32), ("b", 64)):  # checked before any model loads
+        (tmp_path / name / "model").mkdir(parents=True)
+        (tmp_path / name / "config.json").write_text(
+            f'{{"teacher": "T", "student": "S", "data": "D", "seq_len": {seq_len}, "seed": 0}}')
+    with pytest.raises(UserError, match="different --seq-len"):
+        diagnose.quintiles([str(tmp_path / "a"), str(tmp_path / "b")])
