@@ -4,6 +4,7 @@
     python diagnose.py step1 --preset tiny          # the far regime: SmolLM2 and its 8-layer cut
     python diagnose.py step1 --batches 4 --preset sandbox --seed 1   # after step1's own flags, train.py's
     python diagnose.py quintiles out/lr_sweep/*_lr0.0003/seed*   # held-out numbers by the student's entropy
+    python diagnose.py answers --preset sandbox     # where the suite's answers sit among those quintiles
 
 step1. SE-KD's premise is that the positions where the student is unsure are where its teacher still
 has something to teach. Before any update (the first --batches training batches),
@@ -22,6 +23,14 @@ KL(p || q), the student's CE on the true token and its top-1 accuracy: for the u
 run name (mean ± sd over seeds), and each run name minus --baseline, paired by seed, with a 95% t interval
 (report.paired_stats; * = the interval excludes 0). SE-KD trains on the high-entropy end only: this shows
 what that does to the positions it trains on and to those it never sees.
+
+answers. Where the downstream suite's answers sit on the same entropy scale: for each suite task
+(suite.SUITE, --split of the suite), the undistilled student's entropy at the positions that decide
+the example, i.e. those that predict the gold continuation's tokens from the first token where it
+differs from another choice (the choices' common prefix scores the same for all of them), and the share
+of those positions in each quintile of the held-out text's entropy (the quintiles' edges, from the
+train.py flags' pair and text). Equal shares (20% each) would mean the suite asks about positions like
+any other; a share piled in Q1 means it asks about the confident positions SE-KD never trains on.
 """
 import os
 import sys
@@ -32,10 +41,13 @@ import torch
 import common
 import config
 import data
+import eval as eval_  # encode_pair: the suite's context / continuation split, as its scorer makes it
 import heldout
+import losses
 import models
 import report
 import selection
+import suite
 
 QUINTILES = 5
 
@@ -112,6 +124,11 @@ def _runs(run_dirs):
     return runs
 
 
+def quintile_edges(entropy):
+    """(QUINTILES - 1,) cut points that split the entropies (N,) into equal fifths; bucketize gives the group."""
+    return torch.quantile(entropy, torch.linspace(0, 1, QUINTILES + 1, dtype=torch.float64)[1:-1])
+
+
 @torch.no_grad()
 def quintiles(run_dirs, split="test", log=print):
     """(edges, {name: rows}) where rows[i] = {metric: (QUINTILES,) tensor} for the i-th seed, and name
@@ -129,7 +146,7 @@ def quintiles(run_dirs, split="test", log=print):
         return heldout.per_position(model, held.batches(16), teacher, V)
 
     base = positions(models.load_model(cfg["student"])[0])
-    edges = torch.quantile(base["entropy"], torch.linspace(0, 1, QUINTILES + 1, dtype=torch.float64)[1:-1])
+    edges = quintile_edges(base["entropy"])
     group = torch.bucketize(base["entropy"], edges)  # (N,) in 0..QUINTILES-1, by the undistilled entropy
 
     def by_group(per):
@@ -167,6 +184,71 @@ def format_quintiles(edges, out, n, baseline=None):
 
 
 # -----------------------------------------------------------------------------
+# answers: the suite's deciding positions on the held-out entropy scale
+
+def _shared(a, b):
+    """How many leading tokens the lists a and b share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def deciding(context_ids, conts, gold):
+    """Indices into context_ids + conts[gold] of the positions whose next-token distribution scores the
+    gold's tokens from its first one that differs from another choice's (all of them with no other choice)."""
+    g = conts[gold]
+    p = min((_shared(g, c) for i, c in enumerate(conts) if i != gold), default=0)
+    return [len(context_ids) - 1 + j for j in range(min(p, len(g) - 1), len(g))]  # >= 1: the gold's last
+
+
+@torch.no_grad()
+def answers(train_argv, split="test", tasks=suite.SUITE):
+    """(edges, {task: (examples, entropies (n,) at their deciding positions, (examples,) at the first of
+    each)}, head) for the pair and
+    text `train.py *train_argv` names; edges: quintile_edges of the held-out test text's entropy."""
+    args = config.parse_args([*train_argv, "--out-dir", tempfile.gettempdir()])
+    if not args.student:
+        raise common.UserError("answers needs a pair with --student (the undistilled model), e.g. --preset sandbox")
+    examples = {task: suite.examples(task, split) for task in tasks}  # before any model: is the suite built?
+    tok = models.load_tokenizer(args.teacher)
+    teacher, _ = models.load_model(args.teacher)
+    student, s_tok = models.load_model(args.student, flag="--student")
+    V = models.check_vocab(tok, s_tok)
+    kw = dict(report.data_kwargs(vars(args)), seed=0)  # the held-out positions quintiles reads
+    held = data.load_splits(tok, splits=("test",), **kw)["test"]
+    edges = quintile_edges(heldout.per_position(student, held.batches(16), teacher, V)["entropy"])
+    out = {}
+    for task in tasks:
+        exs, hs, firsts = examples[task], [], []
+        for ex in exs:
+            conts = [" " + c for c in ex["choices"]] if "choices" in ex else [ex["target"]]
+            pairs = [eval_.encode_pair(tok, ex["context"], c) for c in conts]
+            gold = ex.get("gold", 0)
+            ids = pairs[gold][0] + pairs[gold][1]
+            logits = student(torch.tensor([ids])).logits[0, :, :V]  # (T, V)
+            h = losses.entropy(logits[deciding(pairs[gold][0], [c for _, c in pairs], gold)].float())
+            hs.append(h)
+            firsts.append(h[:1])  # where the choices part
+        out[task] = (len(exs), torch.cat(hs).double(), torch.cat(firsts).double())
+    head = (f"--preset {args.preset}: student {args.student}; held-out test text {int(held.valid.sum())} positions; "
+            f"suite part {split}")
+    return edges, out, head
+
+
+def format_answers(edges, out, head):
+    cuts = [0.0] + [float(e) for e in edges] + [float("inf")]
+    cols = " | ".join(f"Q{q + 1} [{cuts[q]:.2f}, {cuts[q + 1]:.2f})" for q in range(QUINTILES))
+    lines = [head, "", f"| task | positions | n | mean H | {cols} |", "|---|---|---:|---:|" + "---:|" * QUINTILES]
+    for task, (_, h_all, h_first) in out.items():
+        for which, h in (("every deciding", h_all), ("the first deciding", h_first)):
+            share = torch.bincount(torch.bucketize(h, edges), minlength=QUINTILES).double() / max(h.numel(), 1)
+            lines.append(f"| {task} | {which} | {h.numel()} | {float(h.mean()):.2f} | "
+                         + " | ".join(f"{float(x):.1%}" for x in share) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 def main(argv=None):
@@ -180,10 +262,13 @@ def main(argv=None):
     b.add_argument("runs", nargs="+", help="train.py run dirs with model/ (one pair)")
     b.add_argument("--split", choices=["val", "test"], default="test", help="held-out split of the text")
     b.add_argument("--baseline", default=None, help="run name the Δ rows subtract (e.g. full_kd)")
-    for p in (a, b):
+    c = sub.add_parser("answers", help="the suite's deciding positions per quintile of the held-out entropy; "
+                       "other flags are train.py's, naming the pair (default --preset sandbox)")
+    c.add_argument("--split", choices=list(suite.SPLITS), default="test", help="the suite's part")
+    for p in (a, b, c):
         p.add_argument("--out", help="also write the table to this file")
     args, train_flags = ap.parse_known_args(argv)  # step1: the rest are train.py flags naming the run
-    if train_flags and args.cmd != "step1":
+    if train_flags and args.cmd == "quintiles":
         ap.error(f"unrecognized arguments: {' '.join(train_flags)}")
 
     def run():
@@ -191,6 +276,8 @@ def main(argv=None):
             if not 0 < args.k <= 1 or args.batches < 1:
                 raise common.UserError("--k must be in (0, 1] and --batches >= 1")
             text = format_step1(*step1(train_flags or ["--preset", "sandbox"], args.k, args.batches))
+        elif args.cmd == "answers":
+            text = format_answers(*answers(train_flags or ["--preset", "sandbox"], args.split))
         else:
             text = format_quintiles(*quintiles(args.runs, args.split), baseline=args.baseline)
         print(text)

@@ -294,6 +294,7 @@ def test_report_errors_are_one_line(tmp_path, capsys, argv, words):
     (["step1", "--k", "2"], "--k must be in (0, 1]"),
     (["step1", "--batches", "0"], "--batches >= 1"),
     (["quintiles", "{tmp}/a_file", "--bogus"], "unrecognized arguments: --bogus"),
+    (["answers", "--preset", "tiny"], "answers needs a pair with --student"),
 ])
 def test_diagnose_errors_are_one_line(tmp_path, capsys, no_models, argv, words):
     import diagnose

@@ -6,18 +6,21 @@ import torch
 
 import data
 import diagnose
+import eval as eval_
 import heldout
 import models
 import report
 import sandbox
 import selection
+import suite
 import train
 from common import UserError
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    return sandbox.build(str(tmp_path_factory.mktemp("sandbox")), scale="toy", log=lambda m: None)
+    home = tmp_path_factory.mktemp("home")  # laid out as $NANO_SEKD_HOME, where suite.examples looks
+    return dict(sandbox.build(os.path.join(str(home), sandbox.VERSION), scale="toy", log=lambda m: None), home=str(home))
 
 
 def flags(p, *extra):
@@ -90,3 +93,38 @@ def test_quintiles_refuse_runs_on_other_held_out_text(tmp_path):
             f'{{"teacher": "T", "student": "S", "data": "D", "seq_len": {seq_len}, "seed": 0}}')
     with pytest.raises(UserError, match="different --seq-len"):
         diagnose.quintiles([str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def test_deciding_positions():
+    # context [1, 2]: the distribution at index 1 predicts the continuation's first token
+    assert diagnose.deciding([1, 2], [[5, 6, 7], [5, 8, 7], [5, 6]], 0) == [2, 3]  # parts after the shared 5
+    assert diagnose.deciding([1, 2], [[5, 6, 7], [9, 6, 7]], 1) == [1, 2, 3]  # parts at once
+    assert diagnose.deciding([1, 2], [[5, 6]], 0) == [1, 2]  # no other choice: every token decides
+    assert diagnose.deciding([1, 2], [[5], [5, 6]], 0) == [1]  # the gold a prefix of another: its last token
+
+
+def test_answers_on_the_toy_suite(toy, monkeypatch):
+    monkeypatch.setenv("NANO_SEKD_HOME", toy["home"])
+    edges, out, head = diagnose.answers(flags(toy), split="validation")
+    # the edges are the quintiles' edges: the undistilled student's entropy on the held-out test text
+    teacher, tok = models.load_model(toy["teacher"])
+    student, _ = models.load_model(toy["student"])
+    held = data.load_splits(tok, toy["kd"], 32, 512, 128, splits=("test",))["test"]
+    ref = diagnose.quintile_edges(heldout.per_position(student, held.batches(16), teacher, len(tok))["entropy"])
+    assert torch.allclose(edges, ref) and f"{int(held.valid.sum())} positions" in head
+    for task in suite.SUITE:
+        n, h_all, h_first = out[task]
+        exs = suite.examples(task, "validation")
+        assert n == len(exs) == h_first.numel() and h_all.numel() >= n and (h_all >= 0).all()
+        # the first deciding position of example 0: the gold's token there differs from another choice's, and
+        # its entropy is the student's at the position before that token
+        ex = exs[0]
+        pairs = [eval_.encode_pair(tok, ex["context"], " " + c) for c in ex["choices"]]
+        ctx, g = pairs[ex["gold"]]
+        j = diagnose.deciding(ctx, [c for _, c in pairs], ex["gold"])[0] - (len(ctx) - 1)
+        assert any(c[:j] == g[:j] and c[j:j + 1] != g[j:j + 1] for i, (_, c) in enumerate(pairs) if i != ex["gold"])
+        with torch.no_grad():
+            q = student(torch.tensor([ctx + g])).logits[0, len(ctx) - 1 + j, :len(tok)].double().softmax(-1)
+        assert float(h_first[0]) == pytest.approx(float(-(q * q.log()).sum()), rel=1e-4)
+    text = diagnose.format_answers(edges, out, head)
+    assert text.count("| the first deciding |") == len(suite.SUITE) and "Q5 [" in text
