@@ -204,9 +204,9 @@ def deciding(context_ids, conts, gold):
 
 @torch.no_grad()
 def answers(train_argv, split="test", tasks=suite.SUITE):
-    """(edges, {task: (examples, entropies (n,) at their deciding positions, (examples,) at the first of
-    each)}, head) for the pair and
-    text `train.py *train_argv` names; edges: quintile_edges of the held-out test text's entropy."""
+    """(edges, {task: (examples, H (n,) at every deciding position, H (examples,) at each example's first)},
+    head) for the pair and text that `train.py *train_argv` names, H the undistilled student's entropy;
+    edges: quintile_edges of its entropy on the held-out test text (the quintiles' positions)."""
     args = config.parse_args([*train_argv, "--out-dir", tempfile.gettempdir()])
     if not args.student:
         raise common.UserError("answers needs a pair with --student (the undistilled model), e.g. --preset sandbox")
@@ -267,7 +267,7 @@ def main(argv=None):
     c.add_argument("--split", choices=list(suite.SPLITS), default="test", help="the suite's part")
     for p in (a, b, c):
         p.add_argument("--out", help="also write the table to this file")
-    args, train_flags = ap.parse_known_args(argv)  # step1: the rest are train.py flags naming the run
+    args, train_flags = ap.parse_known_args(argv)  # step1, answers: the rest are train.py flags naming the run
     if train_flags and args.cmd == "quintiles":
         ap.error(f"unrecognized arguments: {' '.join(train_flags)}")
 
