@@ -29,8 +29,9 @@ answers. Where the downstream suite's answers sit on the same entropy scale: for
 the example, i.e. those that predict the gold continuation's tokens from the first token where it
 differs from another choice (the choices' common prefix scores the same for all of them), and the share
 of those positions in each quintile of the held-out text's entropy (the quintiles' edges, from the
-train.py flags' pair and text). Equal shares (20% each) would mean the suite asks about positions like
-any other; a share piled in Q1 means it asks about the confident positions SE-KD never trains on.
+train.py flags' pair and text; in fp32, as step1, whatever --dtype says). Equal shares (20% each) would
+mean the suite asks about positions like any other; a share piled in Q1 means it asks about the
+confident positions SE-KD never trains on.
 """
 import os
 import sys
